@@ -1,0 +1,621 @@
+//! The agent: listeners, connections, request dispatch, shutdown.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use infra_protocol::{
+    read_message_async, write_message_async, ErrorCode, Exec, FrameError, Reply, Request,
+    RequestBody, MAX_FRAME, PROTOCOL_VERSION,
+};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
+
+use crate::cgroup::Cgroups;
+use crate::error::AgentError;
+use crate::exec::{ExecHandle, Executor, EXEC_DIR};
+use crate::files;
+use crate::listen::{find_serial_port, open_serial, BoundAddr, Conn, ListenUri, VsockListener};
+use crate::pid1::{self, Pid1Mode};
+use crate::reaper::{ReapMode, Reaper};
+
+/// The agent's build version, reported in `hello_reply`.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// uid/gid that untrusted code runs as when the agent is root and no `run_as` is given
+/// (`nobody`/`nogroup`).
+pub const DEFAULT_RUN_AS: (u32, u32) = (65534, 65534);
+
+/// Largest file `get_file` returns: what fits in one frame after base64 and the envelope.
+pub const MAX_FILE_BYTES: u64 = (MAX_FRAME as u64 / 4) * 3 - 4096;
+
+/// How the agent is started.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Where to accept host connections. vsock and serial addresses that are not available
+    /// on this machine are skipped with a warning; TCP and Unix failures are errors.
+    pub listen: Vec<ListenUri>,
+    /// Directory for exec working directories and `put_file`/`get_file`; created if missing.
+    pub workspace: PathBuf,
+    /// uid/gid for untrusted code. `None`: [`DEFAULT_RUN_AS`] when the agent is root, the
+    /// agent's own user otherwise.
+    pub run_as: Option<(u32, u32)>,
+    /// Whether to act as init.
+    pub pid1: Pid1Mode,
+    /// The image's environment (OCI config `Env`), under the language and request env.
+    /// Its `PATH`, if any, is the base the language's directories are prepended to.
+    pub base_env: BTreeMap<String, String>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            workspace: PathBuf::from("/tmp/infra-workspace"),
+            run_as: None,
+            pid1: Pid1Mode::Auto,
+            base_env: BTreeMap::new(),
+        }
+    }
+}
+
+impl AgentOptions {
+    /// What `infra.operator guest --port PORT` means: AF_VSOCK on `port` plus the
+    /// virtio-serial port named `agent` (each skipped when absent).
+    pub fn for_port(port: u32) -> Self {
+        Self {
+            listen: vec![ListenUri::Vsock(port), ListenUri::Serial("agent".into())],
+            ..Self::default()
+        }
+    }
+}
+
+/// What ended [`Agent::serve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownKind {
+    /// A `shutdown` request with `poweroff: true`, or SIGTERM/SIGINT.
+    PowerOff,
+    /// A `shutdown` request with `poweroff: false`.
+    Reboot,
+}
+
+/// Stops a serving agent from outside (tests, embedding).
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    tx: watch::Sender<Option<ShutdownKind>>,
+}
+
+impl ShutdownHandle {
+    /// Asks the agent to stop; [`Agent::serve`] then returns `kind`.
+    pub fn shutdown(&self, kind: ShutdownKind) {
+        self.tx.send_replace(Some(kind));
+    }
+}
+
+enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+    Vsock(VsockListener, u32),
+    Serial(PathBuf),
+}
+
+struct Shared {
+    executor: Executor,
+    workspace: PathBuf,
+    run_as: Option<(u32, u32)>,
+    shutdown: watch::Sender<Option<ShutdownKind>>,
+}
+
+/// A bound, not yet serving agent. Bind first to learn the addresses (port 0), then serve.
+pub struct Agent {
+    shared: Arc<Shared>,
+    bound: Vec<Bound>,
+    addrs: Vec<BoundAddr>,
+    pid1: bool,
+}
+
+impl Agent {
+    /// Prepares the workspace, starts the child reaper, and binds every listen address.
+    /// Does not perform PID-1 setup; [`run_agent`] does that first when asked.
+    pub async fn bind(opts: AgentOptions) -> Result<Agent, AgentError> {
+        let pid1 = opts.pid1.active();
+        let run_as = opts
+            .run_as
+            .or_else(|| nix::unistd::geteuid().is_root().then_some(DEFAULT_RUN_AS));
+        prepare_workspace(&opts.workspace)?;
+        let reaper = Reaper::start(if pid1 {
+            ReapMode::All
+        } else {
+            ReapMode::Registered
+        })
+        .map_err(AgentError::Signal)?;
+        let executor = Executor::new(
+            opts.workspace.clone(),
+            run_as,
+            opts.base_env.clone(),
+            reaper,
+            Cgroups::detect(),
+        );
+        let mut bound = Vec::new();
+        let mut addrs = Vec::new();
+        for uri in &opts.listen {
+            let bind_err = |source| AgentError::Bind {
+                uri: uri.to_string(),
+                source,
+            };
+            match uri {
+                ListenUri::Tcp(a) => {
+                    let l = TcpListener::bind(a.as_str()).await.map_err(bind_err)?;
+                    addrs.push(BoundAddr::Tcp(l.local_addr().map_err(bind_err)?));
+                    bound.push(Bound::Tcp(l));
+                }
+                ListenUri::Unix(p) => {
+                    // A stale socket from an earlier run would make bind fail.
+                    if std::fs::symlink_metadata(p)
+                        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                    {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    let l = UnixListener::bind(p).map_err(bind_err)?;
+                    addrs.push(BoundAddr::Unix(p.clone()));
+                    bound.push(Bound::Unix(l, p.clone()));
+                }
+                ListenUri::Vsock(port) => match VsockListener::bind(*port) {
+                    Ok(l) => {
+                        addrs.push(BoundAddr::Vsock(*port));
+                        bound.push(Bound::Vsock(l, *port));
+                    }
+                    Err(e) => tracing::warn!(%uri, error = %e, "AF_VSOCK unavailable; skipped"),
+                },
+                ListenUri::Serial(name) => match find_serial_port(name) {
+                    Some(dev) => {
+                        addrs.push(BoundAddr::Serial(dev.clone()));
+                        bound.push(Bound::Serial(dev));
+                    }
+                    None => tracing::warn!(%uri, "no virtio-serial port with this name; skipped"),
+                },
+            }
+        }
+        if bound.is_empty() {
+            return Err(AgentError::NoListener {
+                tried: opts
+                    .listen
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        let (shutdown, _) = watch::channel(None);
+        Ok(Agent {
+            shared: Arc::new(Shared {
+                executor,
+                workspace: opts.workspace,
+                run_as,
+                shutdown,
+            }),
+            bound,
+            addrs,
+            pid1,
+        })
+    }
+
+    /// The addresses actually bound (TCP port 0 resolved), in `listen` order, skipped ones left
+    /// out.
+    pub fn local_addrs(&self) -> &[BoundAddr] {
+        &self.addrs
+    }
+
+    /// The first bound TCP address, if any (convenient in tests).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.addrs.iter().find_map(|a| match a {
+            BoundAddr::Tcp(s) => Some(*s),
+            _ => None,
+        })
+    }
+
+    /// Language keys this agent found on the machine.
+    pub fn languages(&self) -> &[String] {
+        self.shared.executor.languages()
+    }
+
+    /// Whether the agent acts as init.
+    pub fn is_pid1(&self) -> bool {
+        self.pid1
+    }
+
+    /// A handle that stops [`Agent::serve`].
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            tx: self.shared.shutdown.clone(),
+        }
+    }
+
+    /// Serves connections until a `shutdown` request or [`ShutdownHandle::shutdown`]. Running
+    /// execs of open connections are killed when it returns. Does not power off; see
+    /// [`run_agent`].
+    pub async fn serve(self) -> ShutdownKind {
+        let mut stop = self.shared.shutdown.subscribe();
+        let mut tasks = tokio::task::JoinSet::new();
+        for b in self.bound {
+            let shared = Arc::clone(&self.shared);
+            tasks.spawn(accept_loop(shared, b));
+        }
+        let kind = loop {
+            if let Some(kind) = *stop.borrow_and_update() {
+                break kind;
+            }
+            if stop.changed().await.is_err() {
+                break ShutdownKind::PowerOff;
+            }
+        };
+        tasks.abort_all();
+        kind
+    }
+}
+
+fn prepare_workspace(ws: &std::path::Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| AgentError::Workspace {
+        path: ws.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(ws.join(EXEC_DIR)).map_err(err)?;
+    // The untrusted user must reach its exec directory, but not list the others.
+    std::fs::set_permissions(ws, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
+    std::fs::set_permissions(ws.join(EXEC_DIR), std::fs::Permissions::from_mode(0o711))
+        .map_err(err)?;
+    Ok(())
+}
+
+/// Runs the agent as `infra.operator guest` does: PID-1 setup when active, bind, serve until
+/// shutdown (or SIGTERM/SIGINT), then, as PID 1, power off or reboot; as a plain service,
+/// return `Ok(())`.
+///
+/// As PID 1 this never returns: a fatal start-up error is logged and the machine is powered
+/// off, since an init that exits panics the kernel.
+pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
+    let pid1 = opts.pid1.active();
+    if pid1 {
+        pid1::init();
+    }
+    let agent = match Agent::bind(opts).await {
+        Ok(a) => a,
+        Err(e) if pid1 => {
+            tracing::error!(error = %e, "agent cannot start");
+            pid1::power_off(true);
+        }
+        Err(e) => return Err(e),
+    };
+    tracing::info!(addrs = ?agent.local_addrs(), languages = ?agent.languages(), pid1, "agent ready");
+    let handle = agent.shutdown_handle();
+    let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("termination signal received");
+        handle.shutdown(ShutdownKind::PowerOff);
+    });
+    let kind = agent.serve().await;
+    if pid1 {
+        tokio::task::spawn_blocking(move || pid1::power_off(kind == ShutdownKind::PowerOff))
+            .await
+            .ok();
+        unreachable!("power_off never returns");
+    }
+    Ok(())
+}
+
+async fn accept_loop(shared: Arc<Shared>, bound: Bound) {
+    match bound {
+        Bound::Tcp(l) => loop {
+            match l.accept().await {
+                Ok((s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    spawn_conn(&shared, s, peer.to_string());
+                }
+                Err(e) => accept_error(&e).await,
+            }
+        },
+        Bound::Unix(l, path) => loop {
+            match l.accept().await {
+                Ok((s, _)) => spawn_conn(&shared, s, format!("unix:{}", path.display())),
+                Err(e) => accept_error(&e).await,
+            }
+        },
+        Bound::Vsock(l, port) => loop {
+            match l.accept().await {
+                Ok(s) => spawn_conn(&shared, s, format!("vsock:{port}")),
+                Err(e) => accept_error(&e).await,
+            }
+        },
+        // One host connection at a time; when the host side goes away the port reads EOF and
+        // is reopened.
+        Bound::Serial(dev) => loop {
+            match open_serial(&dev) {
+                Ok(s) => {
+                    let peer = format!("serial:{}", dev.display());
+                    handle_conn(Arc::clone(&shared), Box::new(s), peer).await;
+                }
+                Err(e) => {
+                    tracing::warn!(dev = %dev.display(), error = %e, "cannot open serial port")
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        },
+    }
+}
+
+/// Transient accept errors (EMFILE, ECONNABORTED): log and back off briefly.
+async fn accept_error(e: &std::io::Error) {
+    tracing::warn!(error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+fn spawn_conn<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+    shared: &Arc<Shared>,
+    stream: S,
+    peer: String,
+) {
+    tokio::spawn(handle_conn(Arc::clone(shared), Box::new(stream), peer));
+}
+
+type WrittenAck = Arc<Mutex<Option<(u64, oneshot::Sender<()>)>>>;
+
+type Inflight = Arc<Mutex<HashMap<u64, Arc<ExecHandle>>>>;
+
+/// Serves one connection until EOF, a broken frame, or agent shutdown. Malformed requests get
+/// an error reply and the connection goes on.
+async fn handle_conn(shared: Arc<Shared>, stream: Box<dyn Conn>, peer: String) {
+    let span = tracing::info_span!("conn", %peer);
+    async move {
+        tracing::debug!("connected");
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let (reply_tx, mut rx) = mpsc::channel::<Reply>(256);
+        // Set by a shutdown request: acknowledged once its `ok` reply is written.
+        let written: WrittenAck = Arc::default();
+        let ack = Arc::clone(&written);
+        let writer = tokio::spawn(async move {
+            while let Some(r) = rx.recv().await {
+                if let Err(e) = write_message_async(&mut wr, &r).await {
+                    tracing::debug!(error = %e, "write failed; closing");
+                    break;
+                }
+                let mut pending = ack.lock().unwrap_or_else(|e| e.into_inner());
+                if pending
+                    .as_ref()
+                    .is_some_and(|(id, _)| r == Reply::Ok { id: *id })
+                {
+                    if let Some((_, tx)) = pending.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        });
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        let inflight: Inflight = Arc::default();
+        let mut stop = shared.shutdown.subscribe();
+        let mut said_hello = false;
+        loop {
+            let msg = tokio::select! {
+                m = read_message_async::<Request, _>(&mut rd) => m,
+                _ = stop.changed() => break,
+            };
+            let req = match msg {
+                Ok(Some(req)) => req,
+                Ok(None) => break,
+                Err(e) if e.is_recoverable() => {
+                    tracing::debug!(error = %e, "bad frame");
+                    let _ = reply_tx
+                        .send(Reply::error(e.request_id(), e.code(), e.to_string()))
+                        .await;
+                    continue;
+                }
+                Err(FrameError::Io(e)) => {
+                    tracing::debug!(error = %e, "read failed; closing");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "broken stream; closing");
+                    let _ = reply_tx
+                        .send(Reply::error(None, e.code(), e.to_string()))
+                        .await;
+                    break;
+                }
+            };
+            let id = req.id;
+            if let RequestBody::Hello(h) = &req.body {
+                let reply = if h.version == PROTOCOL_VERSION {
+                    said_hello = true;
+                    tracing::debug!(client = %h.client, "hello");
+                    Reply::HelloReply {
+                        id,
+                        version: PROTOCOL_VERSION,
+                        agent_version: AGENT_VERSION.to_string(),
+                        languages: shared.executor.languages().to_vec(),
+                    }
+                } else {
+                    Reply::error(
+                        Some(id),
+                        ErrorCode::VersionMismatch,
+                        format!(
+                            "agent speaks protocol version {PROTOCOL_VERSION}, client sent {}",
+                            h.version
+                        ),
+                    )
+                };
+                let _ = reply_tx.send(reply).await;
+                continue;
+            }
+            if !said_hello {
+                let _ = reply_tx
+                    .send(Reply::error(
+                        Some(id),
+                        ErrorCode::HelloRequired,
+                        "send hello first",
+                    ))
+                    .await;
+                continue;
+            }
+            match req.body {
+                RequestBody::Hello(_) => {}
+                RequestBody::Exec(exec) => {
+                    start_exec(&shared, id, exec, &inflight, &reply_tx, &cancel_rx);
+                }
+                RequestBody::PutFile(p) => {
+                    let shared = Arc::clone(&shared);
+                    let reply_tx = reply_tx.clone();
+                    tokio::spawn(async move {
+                        let run_as = shared.run_as;
+                        let ws = shared.workspace.clone();
+                        let r = tokio::task::spawn_blocking(move || {
+                            files::put_file(&ws, &p.path, &p.data, p.mode, run_as)
+                        })
+                        .await;
+                        let reply = match r {
+                            Ok(Ok(())) => Reply::Ok { id },
+                            Ok(Err(e)) => Reply::error(Some(id), e.code(), e.to_string()),
+                            Err(e) => Reply::error(Some(id), ErrorCode::Internal, e.to_string()),
+                        };
+                        let _ = reply_tx.send(reply).await;
+                    });
+                }
+                RequestBody::GetFile(g) => {
+                    let shared = Arc::clone(&shared);
+                    let reply_tx = reply_tx.clone();
+                    tokio::spawn(async move {
+                        let ws = shared.workspace.clone();
+                        let r = tokio::task::spawn_blocking(move || {
+                            files::get_file(&ws, &g.path, MAX_FILE_BYTES)
+                        })
+                        .await;
+                        let reply = match r {
+                            Ok(Ok((data, mode))) => Reply::FileData { id, data, mode },
+                            Ok(Err(e)) => Reply::error(Some(id), e.code(), e.to_string()),
+                            Err(e) => Reply::error(Some(id), ErrorCode::Internal, e.to_string()),
+                        };
+                        let _ = reply_tx.send(reply).await;
+                    });
+                }
+                RequestBody::Signal(s) => {
+                    let reply = signal_exec(&inflight, id, s.target, s.signal);
+                    let _ = reply_tx.send(reply).await;
+                }
+                RequestBody::Shutdown(s) => {
+                    // Make sure the reply is on the wire before the machine goes down.
+                    let (ack_tx, ack_rx) = oneshot::channel();
+                    *written.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, ack_tx));
+                    let _ = reply_tx.send(Reply::Ok { id }).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), ack_rx).await;
+                    let kind = if s.poweroff {
+                        ShutdownKind::PowerOff
+                    } else {
+                        ShutdownKind::Reboot
+                    };
+                    shared.shutdown.send_replace(Some(kind));
+                    break;
+                }
+            }
+        }
+        // Kill this connection's running execs; their tasks end after reaping.
+        let _ = cancel_tx.send(true);
+        drop(reply_tx);
+        let _ = writer.await;
+        tracing::debug!("closed");
+    }
+    .instrument(span)
+    .await;
+}
+
+fn start_exec(
+    shared: &Arc<Shared>,
+    id: u64,
+    exec: Exec,
+    inflight: &Inflight,
+    reply_tx: &mpsc::Sender<Reply>,
+    cancel: &watch::Receiver<bool>,
+) {
+    let handle = Arc::new(ExecHandle::default());
+    {
+        let mut map = inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if map.contains_key(&id) {
+            let reply_tx = reply_tx.clone();
+            tokio::spawn(async move {
+                let _ = reply_tx
+                    .send(Reply::error(
+                        Some(id),
+                        ErrorCode::DuplicateId,
+                        format!("request id {id} is already running"),
+                    ))
+                    .await;
+            });
+            return;
+        }
+        map.insert(id, Arc::clone(&handle));
+    }
+    let shared = Arc::clone(shared);
+    let inflight = Arc::clone(inflight);
+    let reply_tx = reply_tx.clone();
+    let cancel = cancel.clone();
+    let span = tracing::info_span!("exec", req = id, lang = %exec.lang);
+    tokio::spawn(
+        async move {
+            let result = shared
+                .executor
+                .exec(id, exec, &handle, &reply_tx, cancel)
+                .await;
+            inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            let reply = match result {
+                Ok(Some(exit)) => {
+                    tracing::debug!(status = ?exit.status, wall_ms = exit.wall_ms, "exec done");
+                    Reply::Exit(exit)
+                }
+                Ok(None) => return,
+                Err(e) => Reply::error(Some(id), e.code(), e.to_string()),
+            };
+            let _ = reply_tx.send(reply).await;
+        }
+        .instrument(span),
+    );
+}
+
+fn signal_exec(inflight: &Inflight, id: u64, target: u64, sig: i32) -> Reply {
+    let Ok(sig) = Signal::try_from(sig) else {
+        return Reply::error(
+            Some(id),
+            ErrorCode::BadRequest,
+            format!("unknown signal number {sig}"),
+        );
+    };
+    let pgid = inflight
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&target)
+        .map(|h| h.pgid.load(Ordering::SeqCst))
+        .unwrap_or(0);
+    if pgid <= 0 {
+        return Reply::error(
+            Some(id),
+            ErrorCode::NotFound,
+            format!("no running exec with id {target}"),
+        );
+    }
+    match killpg(Pid::from_raw(pgid), sig) {
+        Ok(()) => Reply::Ok { id },
+        Err(e) => Reply::error(Some(id), ErrorCode::NotFound, format!("exec {target}: {e}")),
+    }
+}
