@@ -11,6 +11,10 @@
 //! * [`ReapMode::Registered`] (plain service, tests): `wait4(pid, WNOHANG)` for registered
 //!   pids only, so other children of the process are left alone.
 //!
+//! `std::process::Command::spawn` itself waits for a child whose `exec` failed; the reaper
+//! never races it for that pid (in `Registered` mode the pid is not registered yet, in `All`
+//! mode the reaper waits only while holding the lock that the spawn holds).
+//!
 //! Wake-ups come from SIGCHLD and from each registration (a child that exited before it was
 //! registered is therefore still found).
 
@@ -101,8 +105,14 @@ impl Reaper {
 fn reap(inner: &Inner) {
     match inner.mode {
         ReapMode::All => {
+            // Hold the registry lock while waiting: `Reaper::spawn` holds it across the
+            // spawn, during which std itself waits for a child whose `exec` failed, and a
+            // concurrent `wait4(-1)` must not take that status away from it.
+            let mut waiting = inner.waiting.lock().unwrap_or_else(|e| e.into_inner());
             while let Some((pid, exit)) = wait4(-1) {
-                deliver(inner, pid, exit);
+                if let Some(tx) = waiting.remove(&pid) {
+                    let _ = tx.send(exit);
+                }
             }
         }
         ReapMode::Registered => {
