@@ -1,5 +1,101 @@
 //! `infra-operator` (installed also as `infra.operator`): a thin binary over the library crates.
+//! It parses flags, renders output and maps errors to exit codes; the libraries decide.
+
+mod rootfs;
+mod ui;
+
+use clap::{Parser, Subcommand};
+
+/// Exit codes, one place (documented in the README).
+mod exit {
+    /// Something failed at run time.
+    pub const FAILURE: i32 = 1;
+    /// Bad flags or values (clap also uses 2).
+    pub const USAGE: i32 = 2;
+    /// Input was refused: hostile or corrupt archive, digest mismatch, image not found.
+    pub const BAD_INPUT: i32 = 3;
+    /// A prerequisite is missing: host tool, root, registry or daemon unreachable, credentials.
+    pub const PREREQUISITE: i32 = 4;
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "infra.operator",
+    version,
+    about = "Build, store and run Firecracker microVM sandboxes for untrusted code",
+    after_help = "Examples:
+  sudo infra.operator rootfs from-docker --name python --image python:3.12-alpine
+  sudo infra.operator rootfs create --lang python
+  infra.operator rootfs list
+
+Set RUST_LOG=debug for detailed logs."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Build and list root filesystem images.
+    #[command(subcommand)]
+    Rootfs(rootfs::RootfsCommand),
+}
 
 fn main() {
-    println!("infra.operator {}", env!("CARGO_PKG_VERSION"));
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let paths = infra_config::Paths::from_env();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(exit::FAILURE);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Rootfs(cmd) => rootfs::run(cmd, &paths).await,
+        }
+    });
+    if let Err(e) = result {
+        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        eprintln!("error: {}", chain.join(": "));
+        std::process::exit(exit_code(&e));
+    }
+}
+
+/// Maps an error to the documented exit code.
+fn exit_code(e: &anyhow::Error) -> i32 {
+    use infra_image::Error as E;
+    match e.downcast_ref::<E>() {
+        Some(
+            E::HostileEntry { .. }
+            | E::CorruptLayer { .. }
+            | E::DigestMismatch { .. }
+            | E::NotFound { .. },
+        )
+        | Some(E::Archive { .. } | E::InvalidReference { .. } | E::PlatformNotFound { .. }) => {
+            exit::BAD_INPUT
+        }
+        Some(
+            E::MissingTool { .. } | E::NeedRoot | E::Unreachable { .. } | E::AuthDenied { .. },
+        )
+        | Some(E::Daemon { .. } | E::MirrorUnreachable { .. } | E::AgentNotStatic { .. }) => {
+            exit::PREREQUISITE
+        }
+        Some(E::Usage(_) | E::TooSmall { .. } | E::Language(_)) => exit::USAGE,
+        _ if e.downcast_ref::<infra_languages::Error>().is_some() => exit::USAGE,
+        _ => exit::FAILURE,
+    }
 }

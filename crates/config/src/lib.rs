@@ -92,7 +92,10 @@ impl Paths {
 ///
 /// Readers see the old content or the new, never a partial file; on error nothing is left behind.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let mut tmp = tempfile_in(dir, path)?;
     let res = (|| {
@@ -108,10 +111,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 fn tempfile_in(dir: &Path, target: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
-    let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("file");
     for attempt in 0..100u32 {
         let p = dir.join(format!(".{name}.tmp-{}-{attempt}", std::process::id()));
-        match std::fs::OpenOptions::new().write(true).create_new(true).open(&p) {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+        {
             Ok(f) => return Ok((p, f)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
@@ -132,19 +142,28 @@ mod tests {
     #[test]
     fn root_uses_the_seed_layout() {
         let p = Paths::resolve(None, true, None, Some("/root".into()));
-        assert_eq!(p.image("python"), Path::new("/srv/firecracker/images/rootfs-python.ext4"));
+        assert_eq!(
+            p.image("python"),
+            Path::new("/srv/firecracker/images/rootfs-python.ext4")
+        );
         assert_eq!(p.kernel, Path::new("/srv/firecracker/vmlinux"));
     }
 
     #[test]
     fn users_get_xdg_and_override_wins() {
         let p = Paths::resolve(None, false, None, Some("/home/u".into()));
-        assert_eq!(p.images, Path::new("/home/u/.local/share/infra-operator/images"));
+        assert_eq!(
+            p.images,
+            Path::new("/home/u/.local/share/infra-operator/images")
+        );
         let p = Paths::resolve(None, false, Some("/x".into()), Some("/home/u".into()));
         assert_eq!(p.images, Path::new("/x/infra-operator/images"));
         let p = Paths::resolve(Some("/o".into()), true, None, None);
         assert_eq!(p.images, Path::new("/o/images"));
-        assert_eq!(Paths::manifest_for(&p.image("go")), Path::new("/o/images/rootfs-go.json"));
+        assert_eq!(
+            Paths::manifest_for(&p.image("go")),
+            Path::new("/o/images/rootfs-go.json")
+        );
     }
 
     #[test]

@@ -64,7 +64,9 @@ impl Language {
     }
 
     fn substitute(&self, argv: &[String]) -> Vec<String> {
-        argv.iter().map(|a| a.replace("{file}", &self.file)).collect()
+        argv.iter()
+            .map(|a| a.replace("{file}", &self.file))
+            .collect()
     }
 
     /// `PATH` for this language: its own directories first, then the standard ones.
@@ -130,14 +132,18 @@ impl LanguageTable {
         for (key, lang) in languages.iter_mut() {
             lang.key = key.clone();
             if lang.run.is_empty() || lang.version.is_empty() || lang.file.is_empty() {
-                return Err(Error::Invalid(format!("{key}: run, version and file are required")));
+                return Err(Error::Invalid(format!(
+                    "{key}: run, version and file are required"
+                )));
             }
             if lang.file.contains('/') {
                 return Err(Error::Invalid(format!("{key}: file must be a plain name")));
             }
             for name in std::iter::once(key).chain(lang.aliases.iter()) {
                 if let Some(other) = seen.insert(name.clone(), key.clone()) {
-                    return Err(Error::Invalid(format!("name '{name}' used by {other} and {key}")));
+                    return Err(Error::Invalid(format!(
+                        "name '{name}' used by {other} and {key}"
+                    )));
                 }
             }
         }
@@ -155,10 +161,15 @@ impl LanguageTable {
         let wanted = name.trim().to_ascii_lowercase();
         self.languages
             .values()
-            .find(|l| l.key == wanted || l.aliases.iter().any(|a| *a == wanted))
+            .find(|l| l.key == wanted || l.aliases.contains(&wanted))
             .ok_or_else(|| Error::Unknown {
                 name: name.to_string(),
-                known: self.languages.keys().cloned().collect::<Vec<_>>().join(", "),
+                known: self
+                    .languages
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
             })
     }
 
@@ -175,19 +186,27 @@ mod tests {
     #[test]
     fn builtin_table_has_the_seed_languages() {
         let t = LanguageTable::builtin();
-        for key in ["python", "nodejs", "go", "rust", "java", "ruby", "php", "dotnet", "bash", "c"] {
+        for key in [
+            "python", "nodejs", "go", "rust", "java", "ruby", "php", "dotnet", "bash", "c",
+        ] {
             let l = t.get(key).unwrap();
             assert_eq!(l.key, key);
             assert!(!l.run.is_empty());
         }
-        assert_eq!(t.get("python").unwrap().image.as_deref(), Some("python:3.12-alpine"));
+        assert_eq!(
+            t.get("python").unwrap().image.as_deref(),
+            Some("python:3.12-alpine")
+        );
         assert_eq!(t.get("node").unwrap().key, "nodejs");
         assert_eq!(t.get("C#").unwrap().key, "dotnet");
     }
 
     #[test]
     fn unknown_language_lists_known_ones() {
-        let e = LanguageTable::builtin().get("cobol2").unwrap_err().to_string();
+        let e = LanguageTable::builtin()
+            .get("cobol2")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown language 'cobol2'"), "{e}");
         assert!(e.contains("python"), "{e}");
     }
@@ -195,9 +214,16 @@ mod tests {
     #[test]
     fn commands_substitute_the_file_name() {
         let go = LanguageTable::builtin().get("go").unwrap();
-        assert_eq!(go.build_argv().unwrap(), ["go", "build", "-o", "main", "main.go"]);
+        assert_eq!(
+            go.build_argv().unwrap(),
+            ["go", "build", "-o", "main", "main.go"]
+        );
         assert_eq!(go.run_argv(), ["./main"]);
-        assert!(LanguageTable::builtin().get("python").unwrap().build_argv().is_none());
+        assert!(LanguageTable::builtin()
+            .get("python")
+            .unwrap()
+            .build_argv()
+            .is_none());
         assert!(go.path_var(None).starts_with("/usr/local/go/bin:"));
     }
 

@@ -1,0 +1,332 @@
+//! `infra.operator rootfs ...`: flags and output; the work is in `infra_image`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use infra_config::Paths;
+use infra_image::debootstrap::{Base, CreateOptions};
+use infra_image::ext4::SizeSpec;
+use infra_image::source::{SourceMode, SourceSpec};
+use infra_image::{BuildRequest, NoProgress, Origin, Progress};
+use infra_languages::LanguageTable;
+
+use crate::ui::{human_mb, table, TerminalProgress};
+
+/// Rootfs image commands.
+#[derive(Subcommand, Debug)]
+pub enum RootfsCommand {
+    /// Build a rootfs from an OCI/Docker image (registry, local daemon or archive).
+    #[command(after_help = "Examples:
+  sudo infra.operator rootfs from-docker --name python --image python:3.12-alpine --size 150
+  sudo infra.operator rootfs from-docker --lang python            # preset image, --size auto
+  sudo infra.operator rootfs from-docker -n app -i 127.0.0.1:5000/app:1 --platform linux/arm64
+  sudo infra.operator rootfs from-docker -n py -i docker-archive:python.tar --lang python
+  sudo infra.operator rootfs from-docker -n py -i python:3.12 --source docker")]
+    FromDocker(FromDockerArgs),
+    /// Build a rootfs with debootstrap (Debian/Ubuntu) or apk (Alpine).
+    #[command(after_help = "Examples:
+  sudo infra.operator rootfs create --lang python
+  sudo infra.operator rootfs create --lang python --packages numpy,pandas
+  sudo infra.operator rootfs create --lang bash --base debian --post-install setup.sh")]
+    Create(CreateArgs),
+    /// List rootfs images.
+    #[command(
+        alias = "ls",
+        after_help = "Examples:
+  infra.operator rootfs list
+  infra.operator rootfs list --json"
+    )]
+    List(ListArgs),
+}
+
+/// Flags shared by the build commands.
+#[derive(Args, Debug)]
+pub struct OutputArgs {
+    /// Image size in MB, or `auto` (smallest that fits plus --headroom).
+    #[arg(short = 's', long, default_value = "auto")]
+    size: String,
+    /// Free space left by `--size auto`, in percent of the content.
+    #[arg(long, default_value_t = 10)]
+    headroom: u32,
+    /// Output path [default: <images>/rootfs-{name}.ext4].
+    #[arg(short = 'o', long)]
+    output: Option<PathBuf>,
+    /// Agent binary to inject [default: this binary].
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Print the manifest as JSON instead of progress.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `rootfs from-docker` flags.
+#[derive(Args, Debug)]
+pub struct FromDockerArgs {
+    /// Name for the rootfs (`rootfs-{name}.ext4`) [default: the language].
+    #[arg(short = 'n', long)]
+    name: Option<String>,
+    /// Image: `name:tag`, `docker://ref`, `docker-daemon:ref`, `docker-archive:PATH`,
+    /// `oci-archive:PATH`, `oci:DIR` [default: the language's preset].
+    #[arg(short = 'i', long)]
+    image: Option<String>,
+    /// Language whose presets (image, environment) apply.
+    #[arg(short = 'l', long)]
+    lang: Option<String>,
+    /// Platform to select from a multi-arch image.
+    #[arg(long, default_value = "linux/amd64")]
+    platform: String,
+    /// Use plain HTTP for the registry (always allowed for localhost).
+    #[arg(long)]
+    insecure: bool,
+    /// Where to get the image: auto (daemon if it has it, else registry), registry, docker.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "registry", "docker"])]
+    source: String,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+/// `rootfs create` flags.
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// Language runtime to install.
+    #[arg(short = 'l', long)]
+    lang: String,
+    /// Name [default: the language].
+    #[arg(short = 'n', long)]
+    name: Option<String>,
+    /// Base OS: debian, ubuntu or alpine.
+    #[arg(short = 'b', long, default_value = "debian")]
+    base: String,
+    /// Additional packages (comma or space separated).
+    #[arg(short = 'p', long)]
+    packages: Option<String>,
+    /// Script run in the chroot after installation.
+    #[arg(long)]
+    post_install: Option<PathBuf>,
+    /// Release (bookworm, jammy, v3.20) [default: per base].
+    #[arg(long)]
+    suite: Option<String>,
+    /// Package mirror [default: the host's apt mirror for Debian].
+    #[arg(long)]
+    mirror: Option<String>,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+/// `rootfs list` flags.
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// List images in the S3 bucket instead.
+    #[arg(short = 'r', long)]
+    remote: bool,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs a rootfs subcommand.
+pub async fn run(cmd: RootfsCommand, paths: &Paths) -> Result<()> {
+    match cmd {
+        RootfsCommand::FromDocker(a) => from_docker(a, paths).await,
+        RootfsCommand::Create(a) => create(a, paths).await,
+        RootfsCommand::List(a) => list(a, paths),
+    }
+}
+
+async fn from_docker(a: FromDockerArgs, paths: &Paths) -> Result<()> {
+    let lang = a
+        .lang
+        .as_deref()
+        .map(|l| LanguageTable::builtin().get(l))
+        .transpose()?;
+    let image = match (&a.image, lang) {
+        (Some(i), _) => i.clone(),
+        (None, Some(l)) => l.image.clone().with_context(|| {
+            format!(
+                "{} has no preset image: pass --image, or use `rootfs create --lang {}`",
+                l.name, l.key
+            )
+        })?,
+        (None, None) => bail!("--image is required (or --lang to use the language's preset image)"),
+    };
+    let name = match (&a.name, lang) {
+        (Some(n), _) => n.clone(),
+        (None, Some(l)) => l.key.clone(),
+        (None, None) => {
+            bail!("--name is required (or --lang to name the image after the language)")
+        }
+    };
+    // A name that matches a language gets its presets, as in the seeds (`--name python`).
+    let language = lang.map(|l| l.key.clone()).or_else(|| {
+        LanguageTable::builtin()
+            .get(&name)
+            .ok()
+            .map(|l| l.key.clone())
+    });
+    let mode = match a.source.as_str() {
+        "registry" => SourceMode::Registry,
+        "docker" => SourceMode::Docker,
+        _ => SourceMode::Auto,
+    };
+    let spec = SourceSpec::parse(&image, mode)?;
+    let req = request(
+        &name,
+        language,
+        Origin::Image { spec, mode },
+        &a.out,
+        paths,
+        a.platform,
+        a.insecure,
+    )?;
+    if !a.out.json {
+        println!("Creating rootfs for {name} from Docker image...");
+        println!("  Docker Image: {image}");
+        println!("  Size: {}", size_label(&req.size));
+    }
+    build_and_report(req, &a.out, paths).await
+}
+
+async fn create(a: CreateArgs, paths: &Paths) -> Result<()> {
+    let lang = LanguageTable::builtin().get(&a.lang)?;
+    let base: Base = a.base.parse().map_err(anyhow::Error::msg)?;
+    let packages = a
+        .packages
+        .as_deref()
+        .unwrap_or("")
+        .split([',', ' '])
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect();
+    let opts = CreateOptions {
+        base,
+        suite: a.suite,
+        mirror: a.mirror,
+        packages,
+        post_install: a.post_install,
+        cache_dir: paths.cache.clone(),
+    };
+    let name = a.name.clone().unwrap_or_else(|| lang.key.clone());
+    let req = request(
+        &name,
+        Some(lang.key.clone()),
+        Origin::Distro(opts),
+        &a.out,
+        paths,
+        "linux/amd64".into(),
+        false,
+    )?;
+    if !a.out.json {
+        println!("Creating rootfs for {} on {} ...", lang.name, a.base);
+        println!("  Size: {}", size_label(&req.size));
+    }
+    build_and_report(req, &a.out, paths).await
+}
+
+fn request(
+    name: &str,
+    language: Option<String>,
+    origin: Origin,
+    out: &OutputArgs,
+    paths: &Paths,
+    platform: String,
+    insecure: bool,
+) -> Result<BuildRequest> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || name.starts_with('.')
+    {
+        bail!("--name '{name}' is invalid: use letters, digits, '-', '_' and '.'");
+    }
+    let size = SizeSpec::parse(&out.size, out.headroom).map_err(anyhow::Error::msg)?;
+    let agent = match &out.agent {
+        Some(a) => a.clone(),
+        None => {
+            std::env::current_exe().context("cannot locate this binary to inject as the agent")?
+        }
+    };
+    Ok(BuildRequest {
+        name: name.to_string(),
+        language,
+        origin,
+        size,
+        output: out.output.clone().unwrap_or_else(|| paths.image(name)),
+        platform,
+        insecure,
+        agent,
+    })
+}
+
+fn size_label(size: &SizeSpec) -> String {
+    match size {
+        SizeSpec::Auto { headroom_pct } => format!("auto (+{headroom_pct}% headroom)"),
+        SizeSpec::Fixed { mb } => format!("{mb} MB"),
+    }
+}
+
+async fn build_and_report(req: BuildRequest, out: &OutputArgs, paths: &Paths) -> Result<()> {
+    let manifest = if out.json {
+        infra_image::build(&req, paths, &NoProgress).await?
+    } else {
+        let ui = TerminalProgress::new();
+        let progress: &dyn Progress = &ui;
+        infra_image::build(&req, paths, progress).await?
+    };
+    if out.json {
+        println!("{}", manifest.to_json());
+    } else {
+        println!("Created: {}", req.output.display());
+        println!(
+            "  {} image, {} used, sha256 {}",
+            human_mb(manifest.size_bytes),
+            human_mb(manifest.used_bytes),
+            &manifest.sha256[..16]
+        );
+    }
+    Ok(())
+}
+
+fn list(a: ListArgs, paths: &Paths) -> Result<()> {
+    if a.remote {
+        bail!("rootfs list --remote needs the S3 artifact store, which this version does not include yet; local images are listed by `rootfs list`");
+    }
+    let images = infra_image::list_local(&paths.images)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&images)?);
+        return Ok(());
+    }
+    if images.is_empty() {
+        println!("No rootfs images in {}", paths.images.display());
+        return Ok(());
+    }
+    let rows = images
+        .iter()
+        .map(|i| {
+            let m = i.manifest.as_ref();
+            vec![
+                m.and_then(|m| m.language.clone())
+                    .unwrap_or_else(|| i.name.clone()),
+                human_mb(i.size_bytes),
+                m.map(|m| human_mb(m.used_bytes))
+                    .unwrap_or_else(|| "-".into()),
+                m.map(|m| {
+                    m.created_at
+                        .replace('T', " ")
+                        .trim_end_matches('Z')
+                        .chars()
+                        .take(16)
+                        .collect()
+                })
+                .unwrap_or_else(|| "-".into()),
+                i.path.display().to_string(),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(&["LANGUAGE", "SIZE", "USED", "CREATED", "PATH"], rows)
+    );
+    Ok(())
+}
