@@ -1,6 +1,7 @@
 //! `infra-operator` (installed also as `infra.operator`): a thin binary over the library crates.
 //! It parses flags, renders output and maps errors to exit codes; the libraries decide.
 
+mod guest;
 mod rootfs;
 mod ui;
 
@@ -40,6 +41,8 @@ enum Command {
     /// Build and list root filesystem images.
     #[command(subcommand)]
     Rootfs(rootfs::RootfsCommand),
+    /// Run the in-VM agent (PID 1 in infra.operator images).
+    Guest(guest::GuestArgs),
 }
 
 fn main() {
@@ -66,6 +69,7 @@ fn main() {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Rootfs(cmd) => rootfs::run(cmd, &paths).await,
+            Command::Guest(a) => guest::run(a).await,
         }
     });
     if let Err(e) = result {

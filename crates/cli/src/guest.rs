@@ -1,0 +1,76 @@
+//! `infra.operator guest`: the in-VM agent (PID 1 in our images, or a systemd/OpenRC service).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use infra_guest::{AgentOptions, Pid1Mode};
+
+/// Image config written by `rootfs` builds; its Env is the base environment for code.
+const IMAGE_CONFIG: &str = "/etc/infra-operator/image.json";
+
+/// `guest` flags.
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  infra.operator guest --port 5000                       # in a VM: vsock 5000 + virtio-serial 'agent'
+  infra.operator guest --listen tcp://127.0.0.1:5000     # development, no VM
+  infra.operator guest --listen unix:/run/agent.sock")]
+pub struct GuestArgs {
+    /// vsock port (also opens the virtio-serial port named `agent` when present).
+    #[arg(long, default_value_t = 5000)]
+    port: u32,
+    /// Listen here instead: tcp://HOST:PORT, unix:/PATH, vsock:PORT, serial:NAME (repeatable).
+    #[arg(long)]
+    listen: Vec<String>,
+    /// Directory for code and files [default: the agent's built-in workspace].
+    #[arg(long)]
+    workspace: Option<PathBuf>,
+    /// Act as init: auto (when PID 1), on, off.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    pid1: String,
+}
+
+/// Runs the agent until shutdown.
+pub async fn run(a: GuestArgs) -> Result<()> {
+    let mut opts = AgentOptions::for_port(a.port);
+    if !a.listen.is_empty() {
+        opts.listen = a
+            .listen
+            .iter()
+            .map(|l| infra_guest::parse_listen(l).with_context(|| format!("--listen {l}")))
+            .collect::<Result<_>>()?;
+    }
+    if let Some(w) = a.workspace {
+        opts.workspace = w;
+    }
+    opts.pid1 = match a.pid1.as_str() {
+        "on" => Pid1Mode::On,
+        "off" => Pid1Mode::Off,
+        _ => Pid1Mode::Auto,
+    };
+    opts.base_env = image_env();
+    infra_guest::run_agent(opts)
+        .await
+        .context("guest agent failed")
+}
+
+/// Env from the image config baked in at build time (empty outside our images).
+fn image_env() -> BTreeMap<String, String> {
+    let Ok(text) = std::fs::read(IMAGE_CONFIG) else {
+        return BTreeMap::new();
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text) else {
+        return BTreeMap::new();
+    };
+    v.pointer("/config/env")
+        .and_then(|e| e.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|kv| {
+            kv.as_str()?
+                .split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
