@@ -228,7 +228,11 @@ impl TreeWriter {
         Ok((dir, name))
     }
 
+    /// Makes sure a directory exists; a new one gets `mode`, an existing one keeps the image's.
     fn dir(&mut self, rel: &str, mode: u32) -> Result<()> {
+        if self.resolver.resolve_dir(Path::new(rel), false).is_ok() {
+            return Ok(());
+        }
         let dir = self
             .resolver
             .resolve_dir(Path::new(rel), true)
