@@ -210,7 +210,11 @@ pub async fn build(req: &BuildRequest, paths: &Paths, progress: &dyn Progress) -
         SizeSpec::Auto { headroom_pct } => format!("auto, {headroom_pct}% headroom"),
         SizeSpec::Fixed { mb } => format!("{mb}MB"),
     };
-    progress.step(5, STEPS, &format!("Creating ext4 image ({size_text})..."));
+    progress.step(
+        5,
+        STEPS,
+        &format!("Creating ext4 image ({size_text}) and checking it (e2fsck -fn)..."),
+    );
     let params = Ext4Params {
         size: req.size,
         label,
@@ -232,11 +236,7 @@ pub async fn build(req: &BuildRequest, paths: &Paths, progress: &dyn Progress) -
     ));
 
     // [6/6]: verify, hash, publish.
-    progress.step(
-        6,
-        STEPS,
-        "Checking filesystem (e2fsck -fn) and writing manifest...",
-    );
+    progress.step(6, STEPS, "Hashing, syncing and writing manifest...");
     let sha256 = sha256_file_and_sync(&tmp_image)?;
     let manifest = Manifest {
         schema: MANIFEST_SCHEMA,
