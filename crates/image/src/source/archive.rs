@@ -85,6 +85,17 @@ fn extract_plain(archive: &Path, dest: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Every layer must have its diff_id in the config, or it could not be verified.
+fn check_layer_count(path: &Path, layers: usize, diff_ids: usize) -> Result<()> {
+    if layers != diff_ids {
+        return Err(bad(
+            path,
+            format!("{layers} layers but {diff_ids} diff_ids in the config"),
+        ));
+    }
+    Ok(())
+}
+
 fn normalize_lexically(p: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for c in p.components() {
@@ -168,16 +179,7 @@ pub fn fetch_docker_archive(
         verify_file_digest(&config_path, &format!("sha256:{config_hex}"))?;
     }
     let (config, diff_ids, platform) = parse_config(&config_bytes).map_err(|r| bad(path, r))?;
-    if diff_ids.len() != entry.layers.len() {
-        return Err(bad(
-            path,
-            format!(
-                "{} layers but {} diff_ids in the config",
-                entry.layers.len(),
-                diff_ids.len()
-            ),
-        ));
-    }
+    check_layer_count(path, entry.layers.len(), diff_ids.len())?;
     let layers = entry
         .layers
         .iter()
@@ -325,16 +327,7 @@ pub fn fetch_oci_dir(dir: &Path, reference: Option<&str>, platform: &str) -> Res
             .map_err(|e| bad(dir, format!("manifest is invalid: {e}")))?;
     let config_bytes = fs::read(blob(&manifest.config)?).ctx("read", dir)?;
     let (config, diff_ids, plat) = parse_config(&config_bytes).map_err(|r| bad(dir, r))?;
-    if diff_ids.len() != manifest.layers.len() {
-        return Err(bad(
-            dir,
-            format!(
-                "{} layers but {} diff_ids",
-                manifest.layers.len(),
-                diff_ids.len()
-            ),
-        ));
-    }
+    check_layer_count(dir, manifest.layers.len(), diff_ids.len())?;
     let layers = manifest
         .layers
         .iter()
