@@ -2,7 +2,10 @@
 //! It parses flags, renders output and maps errors to exit codes; the libraries decide.
 
 mod guest;
+mod kernel;
 mod rootfs;
+mod run;
+mod setup;
 mod ui;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +31,8 @@ mod exit {
   sudo infra.operator rootfs from-docker --name python --image python:3.12-alpine
   sudo infra.operator rootfs create --lang python
   infra.operator rootfs list
+  infra.operator run --lang python --code \"print('hello')\"
+  sudo infra.operator setup
 
 Set RUST_LOG=debug for detailed logs."
 )]
@@ -41,11 +46,36 @@ enum Command {
     /// Build and list root filesystem images.
     #[command(subcommand)]
     Rootfs(rootfs::RootfsCommand),
+    /// Run code in a fresh microVM (the kernel and image are fetched/built on first use).
+    Run(run::RunArgs),
+    /// Run code in a microVM with the original system's flags and result block.
+    Host(run::HostArgs),
+    /// Fetch, import and show the guest kernel.
+    #[command(subcommand)]
+    Kernel(kernel::KernelCommand),
+    /// Check (and install) what this host needs.
+    Setup(setup::SetupArgs),
     /// Run the in-VM agent (PID 1 in infra.operator images).
     Guest(guest::GuestArgs),
 }
 
+/// A missing prerequisite found by `setup --check` (exit code 4).
+#[derive(Debug)]
+pub struct Missing(pub String);
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Missing {}
+
 fn main() {
+    // Inside a VM, this binary is also the initramfs's /init.
+    if infra_guest::initramfs::is_initramfs_init() {
+        infra_guest::initramfs::run_stage();
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -66,16 +96,32 @@ fn main() {
             std::process::exit(exit::FAILURE);
         }
     };
+    let is_run = matches!(cli.command, Command::Run(_) | Command::Host(_));
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Rootfs(cmd) => rootfs::run(cmd, &paths).await,
-            Command::Guest(a) => guest::run(a).await,
+            Command::Rootfs(cmd) => rootfs::run(cmd, &paths).await.map(|()| 0),
+            Command::Run(a) => run::run(a, &paths).await,
+            Command::Host(a) => run::host(a, &paths).await,
+            Command::Kernel(cmd) => kernel::run(cmd, &paths).map(|()| 0),
+            Command::Setup(a) => setup::run(a, &paths).map(|()| 0),
+            Command::Guest(a) => guest::run(a).await.map(|()| 0),
         }
     });
-    if let Err(e) = result {
-        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-        eprintln!("error: {}", chain.join(": "));
-        std::process::exit(exit_code(&e));
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", chain.join(": "));
+            let code = exit_code(&e);
+            // `run`/`host` pass the program's exit code through; their own failures use
+            // 125 like `docker run`, except usage errors.
+            let code = if is_run && code != exit::USAGE {
+                run::SANDBOX_FAILURE
+            } else {
+                code
+            };
+            std::process::exit(code);
+        }
     }
 }
 
@@ -100,6 +146,14 @@ fn exit_code(e: &anyhow::Error) -> i32 {
         }
         Some(E::Usage(_) | E::TooSmall { .. } | E::Language(_)) => exit::USAGE,
         _ if e.downcast_ref::<infra_languages::Error>().is_some() => exit::USAGE,
-        _ => exit::FAILURE,
+        _ if e.downcast_ref::<Missing>().is_some() => exit::PREREQUISITE,
+        _ => match e.downcast_ref::<infra_runner::RunError>() {
+            Some(infra_runner::RunError::Usage(_)) => exit::USAGE,
+            Some(infra_runner::RunError::Prerequisite(_) | infra_runner::RunError::Kernel(_)) => {
+                exit::PREREQUISITE
+            }
+            Some(infra_runner::RunError::VersionMismatch { .. }) => exit::PREREQUISITE,
+            _ => exit::FAILURE,
+        },
     }
 }

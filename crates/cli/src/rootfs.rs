@@ -38,6 +38,8 @@ pub enum RootfsCommand {
   infra.operator rootfs list --json"
     )]
     List(ListArgs),
+    /// Boot an image and print its language version and disk usage.
+    Verify(crate::run::VerifyArgs),
 }
 
 /// Flags shared by the build commands.
@@ -131,6 +133,7 @@ pub async fn run(cmd: RootfsCommand, paths: &Paths) -> Result<()> {
         RootfsCommand::FromDocker(a) => from_docker(a, paths).await,
         RootfsCommand::Create(a) => create(a, paths).await,
         RootfsCommand::List(a) => list(a, paths),
+        RootfsCommand::Verify(a) => crate::run::verify(a, paths).await,
     }
 }
 

@@ -11,6 +11,7 @@ pub struct TerminalProgress {
     multi: MultiProgress,
     bars: Mutex<HashMap<String, ProgressBar>>,
     tty: bool,
+    lines_to_stderr: bool,
 }
 
 impl TerminalProgress {
@@ -26,6 +27,16 @@ impl TerminalProgress {
             multi: MultiProgress::with_draw_target(target),
             bars: Mutex::new(HashMap::new()),
             tty,
+            lines_to_stderr: false,
+        }
+    }
+
+    /// A renderer that keeps stdout for a program's own output (`run`): every line goes to
+    /// stderr.
+    pub fn on_stderr() -> Self {
+        Self {
+            lines_to_stderr: true,
+            ..Self::new()
         }
     }
 
@@ -33,6 +44,8 @@ impl TerminalProgress {
     pub fn line(&self, text: &str) {
         if self.tty {
             let _ = self.multi.println(text);
+        } else if self.lines_to_stderr {
+            eprintln!("{text}");
         } else {
             println!("{text}");
         }
@@ -41,7 +54,11 @@ impl TerminalProgress {
 
 impl infra_image::Progress for TerminalProgress {
     fn step(&self, index: usize, total: usize, message: &str) {
-        self.line(&format!("[{index}/{total}] {message}"));
+        if total == 0 {
+            self.line(message);
+        } else {
+            self.line(&format!("[{index}/{total}] {message}"));
+        }
     }
 
     fn transfer_start(&self, id: &str, label: &str, total: Option<u64>) {

@@ -20,6 +20,7 @@ mod cgroup;
 mod error;
 mod exec;
 mod files;
+pub mod initramfs;
 mod listen;
 mod pid1;
 mod reaper;

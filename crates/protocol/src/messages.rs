@@ -303,6 +303,17 @@ pub enum ExecStatus {
 }
 
 impl ExecStatus {
+    /// The wire name (`success`, `error`, `timeout`, `compile_error`, `internal_error`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecStatus::Success => "success",
+            ExecStatus::Error => "error",
+            ExecStatus::Timeout => "timeout",
+            ExecStatus::CompileError => "compile_error",
+            ExecStatus::InternalError => "internal_error",
+        }
+    }
+
     /// The status rule: `timeout` (with exit code 124) when the limit was hit, `success` only
     /// for exit code 0, `error` for anything else. Returns the status and the exit code to
     /// report.

@@ -1,0 +1,405 @@
+//! `run` and `host`: boot a microVM from the language's image and run code in it.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use infra_config::Paths;
+use infra_runner::prepare;
+use infra_runner::{
+    AccelChoice, BackendChoice, Output, RunOutcome, RunSpec, Runner, RunnerOptions,
+};
+
+use crate::ui::TerminalProgress;
+
+/// Exit code when the sandbox itself failed (as `docker run` does): the program's own exit
+/// codes pass through unchanged, so ours must stay out of their usual range.
+pub const SANDBOX_FAILURE: i32 = 125;
+
+/// VM settings shared by `run`, `host` and `rootfs verify`.
+#[derive(Args, Debug, Clone)]
+pub struct VmArgs {
+    /// VMM: auto (Firecracker when present and KVM works, else QEMU), firecracker, qemu.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "firecracker", "qemu"])]
+    pub backend: String,
+    /// QEMU acceleration: auto (KVM when a probe boot works, else TCG), kvm, tcg.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+    pub accel: String,
+    /// Seconds the VM may take to boot to a ready agent.
+    #[arg(long, default_value_t = 120)]
+    pub boot_timeout: u64,
+    /// Guest kernel (ELF vmlinux) [default: the installed one, /srv/firecracker/vmlinux].
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Root filesystem image [default: the language's rootfs-{lang}.ext4].
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
+    /// qemu-system-x86_64 binary [default: from PATH].
+    #[arg(long, env = "INFRA_QEMU")]
+    pub qemu: Option<PathBuf>,
+    /// firecracker binary [default: from PATH].
+    #[arg(long, env = "INFRA_FIRECRACKER")]
+    pub firecracker: Option<PathBuf>,
+    /// Run Firecracker under this jailer binary.
+    #[arg(long)]
+    pub jailer: Option<PathBuf>,
+    /// uid:gid the jailer drops to.
+    #[arg(long, default_value = "65534:65534")]
+    pub jailer_user: String,
+    /// Extra kernel arguments (e.g. `infra.log=debug` for agent logs on the console).
+    #[arg(long, default_value = "")]
+    pub kernel_args: String,
+}
+
+impl VmArgs {
+    /// The runner these flags describe.
+    pub fn runner(&self, paths: &Paths) -> Result<Runner> {
+        let mut o =
+            RunnerOptions::for_host().context("cannot locate this executable (the agent)")?;
+        o.backend = match self.backend.as_str() {
+            "firecracker" => BackendChoice::Firecracker,
+            "qemu" => BackendChoice::Qemu,
+            _ => BackendChoice::Auto,
+        };
+        o.accel = match self.accel.as_str() {
+            "kvm" => AccelChoice::Kvm,
+            "tcg" => AccelChoice::Tcg,
+            _ => AccelChoice::Auto,
+        };
+        o.boot_timeout = Duration::from_secs(self.boot_timeout.max(1));
+        o.qemu = self.qemu.clone();
+        o.firecracker = self.firecracker.clone();
+        o.extra_args = self.kernel_args.clone();
+        if let Some(j) = &self.jailer {
+            let (uid, gid) = self
+                .jailer_user
+                .split_once(':')
+                .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
+                .context("--jailer-user must be UID:GID")?;
+            o.jailer = Some(infra_vmm::firecracker::Jailer {
+                binary: j.clone(),
+                uid,
+                gid,
+                chroot_base: "/srv/jailer".into(),
+            });
+        }
+        Ok(Runner::new(o, &paths.cache))
+    }
+
+    /// Kernel, initramfs and image for `lang`, fetched or built first when missing.
+    pub async fn prepare(
+        &self,
+        paths: &Paths,
+        lang: &infra_languages::Language,
+        runner: &Runner,
+    ) -> Result<(PathBuf, PathBuf, PathBuf)> {
+        let progress = TerminalProgress::on_stderr();
+        let store = infra_vmm::kernel::KernelStore::new(paths);
+        let kernel = match &self.kernel {
+            Some(k) => k.clone(),
+            None => {
+                prepare::ensure_kernel(paths, &progress)?;
+                store.vmlinux.clone()
+            }
+        };
+        let initramfs = store
+            .initramfs_for(&runner.options().agent)
+            .context("cannot build the initramfs")?;
+        let rootfs = match &self.rootfs {
+            Some(r) => r.clone(),
+            None => prepare::ensure_image(paths, lang, &runner.options().agent, &progress).await?,
+        };
+        if !rootfs.exists() {
+            bail!(
+                "rootfs {} does not exist; build it with `infra.operator rootfs create --lang {}`",
+                rootfs.display(),
+                lang.key
+            );
+        }
+        Ok((kernel, initramfs, rootfs))
+    }
+}
+
+/// `run` flags.
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  infra.operator run --lang python --code \"print('hello')\"
+  infra.operator run -l go -f main.go --timeout 10 --json
+  echo 3 | infra.operator run -l python -c 'print(int(input())*2)' --stdin
+  infra.operator run -l python -c 'import os; print(os.environ[\"K\"])' --env K=V
+
+The program's exit code is this command's exit code (124 on timeout). When the sandbox itself
+fails (no kernel, VM did not boot), the exit code is 125 and the reason is on stderr.")]
+pub struct RunArgs {
+    /// Language (python, nodejs, go, rust, bash, ... see `rootfs list`).
+    #[arg(short, long)]
+    lang: String,
+    /// Source code to run.
+    #[arg(short, long, conflicts_with = "file", required_unless_present = "file")]
+    code: Option<String>,
+    /// File with the source code.
+    #[arg(short, long)]
+    file: Option<PathBuf>,
+    /// Wall-clock limit in seconds for the program.
+    #[arg(short, long, default_value_t = 30)]
+    timeout: u64,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    mem: u32,
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Standard input for the program: TEXT, or without a value this command's own stdin.
+    #[arg(long, num_args = 0..=1, default_missing_value = "-")]
+    stdin: Option<String>,
+    /// Environment variable for the program (repeatable).
+    #[arg(short, long, value_name = "K=V")]
+    env: Vec<String>,
+    /// Program arguments.
+    #[arg(last = true)]
+    args: Vec<String>,
+    /// Cap on each of stdout and stderr, in bytes (the rest is dropped with a marker).
+    #[arg(long, default_value_t = 1 << 20)]
+    max_output: u64,
+    /// Print one JSON result instead of streaming the output.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+/// `host` flags: the original system's names (`-l`, `-c`, `-t` default 10, `--mem`,
+/// `--vcpus`, `--kernel`, `--rootfs`), with its `=== Execution Result ===` output.
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  infra.operator host -l python -c \"print(6*7)\"
+  infra.operator host -l bash -c 'echo hi' --mem 256 --vcpus 1 --kernel /srv/firecracker/vmlinux")]
+pub struct HostArgs {
+    /// Language.
+    #[arg(short, long)]
+    lang: String,
+    /// Source code.
+    #[arg(short, long)]
+    code: String,
+    /// Timeout in seconds.
+    #[arg(short, long, default_value_t = 10)]
+    timeout: u64,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    mem: u32,
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+/// Runs `run`; returns the process exit code.
+pub async fn run(a: RunArgs, paths: &Paths) -> Result<i32> {
+    let code = match (&a.code, &a.file) {
+        (Some(c), _) => c.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read --file {}", f.display()))?,
+        (None, None) => bail!("give the program with --code or --file"),
+    };
+    let stdin = match a.stdin.as_deref() {
+        None => Vec::new(),
+        Some("-") => {
+            let mut b = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut b)
+                .context("cannot read stdin")?;
+            b
+        }
+        Some(t) => t.as_bytes().to_vec(),
+    };
+    let env = parse_env(&a.env)?;
+    let lang = prepare::language(&a.lang)?;
+    let runner = a.vm.runner(paths)?;
+    let (kernel, initramfs, rootfs) = a.vm.prepare(paths, &lang, &runner).await?;
+    let spec = RunSpec {
+        lang: lang.key.clone(),
+        code,
+        argv: a.args.clone(),
+        stdin,
+        env,
+        timeout: Duration::from_secs(a.timeout.max(1)),
+        max_output_bytes: a.max_output,
+        mem_mib: a.mem,
+        vcpus: a.vcpus,
+        rootfs,
+        kernel,
+    };
+    let stream = !a.json;
+    let outcome = runner
+        .run(&spec, &initramfs, |o| {
+            if stream {
+                match o {
+                    Output::Stdout(d) => {
+                        let mut out = std::io::stdout().lock();
+                        let _ = out.write_all(&d);
+                        let _ = out.flush();
+                    }
+                    Output::Stderr(d) => {
+                        let _ = std::io::stderr().write_all(&d);
+                    }
+                }
+            }
+        })
+        .await?;
+    if a.json {
+        println!("{}", serde_json::to_string(&outcome)?);
+    } else {
+        report_status(&outcome);
+    }
+    Ok(outcome.exit_code)
+}
+
+/// Tells on stderr what the exit code alone does not (timeouts, truncation, compile errors).
+fn report_status(o: &RunOutcome) {
+    if o.timed_out {
+        eprintln!("infra.operator: timed out; the program was killed (exit code 124)");
+    }
+    if let Some(c) = &o.compile_output {
+        if o.status == "compile_error" {
+            eprintln!("infra.operator: compile error:\n{c}");
+        }
+    }
+    if o.stdout_truncated || o.stderr_truncated {
+        eprintln!("infra.operator: output was truncated at the --max-output cap");
+    }
+}
+
+/// Runs `host`; prints the result block; returns the program's exit code.
+pub async fn host(a: HostArgs, paths: &Paths) -> Result<i32> {
+    let lang = prepare::language(&a.lang)?;
+    let runner = a.vm.runner(paths)?;
+    let (kernel, initramfs, rootfs) = a.vm.prepare(paths, &lang, &runner).await?;
+    let spec = RunSpec {
+        lang: lang.key.clone(),
+        code: a.code,
+        argv: Vec::new(),
+        stdin: Vec::new(),
+        env: BTreeMap::new(),
+        timeout: Duration::from_secs(a.timeout.max(1)),
+        max_output_bytes: 1 << 20,
+        mem_mib: a.mem,
+        vcpus: a.vcpus,
+        rootfs,
+        kernel,
+    };
+    let outcome = runner.run(&spec, &initramfs, |_| {}).await?;
+    println!("=== Execution Result ===");
+    println!("{}", serde_json::to_string_pretty(&outcome)?);
+    Ok(outcome.exit_code)
+}
+
+fn parse_env(pairs: &[String]) -> Result<BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--env {kv}: expected KEY=VALUE"))?;
+            if k.is_empty() {
+                bail!("--env {kv}: empty variable name");
+            }
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// `rootfs verify` flags.
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  infra.operator rootfs verify --lang python
+  infra.operator rootfs verify -l nodejs --json")]
+pub struct VerifyArgs {
+    /// Language whose image to boot.
+    #[arg(short, long)]
+    lang: String,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+/// Where the initramfs leaves the read-only image visible in the guest.
+const IMAGE_MOUNT: &str = "/mnt/image";
+
+/// Boots the image and reports the language version and the image's disk usage.
+pub async fn verify(a: VerifyArgs, paths: &Paths) -> Result<()> {
+    let lang = prepare::language(&a.lang)?;
+    let runner = a.vm.runner(paths)?;
+    let (kernel, initramfs, rootfs) = a.vm.prepare(paths, &lang, &runner).await?;
+    if !a.json {
+        println!("Verifying {} ({}) ...", rootfs.display(), lang.name);
+    }
+    let mut ready = runner.boot(&kernel, &initramfs, &rootfs, 256, 1).await?;
+    let quoted: Vec<String> = lang.version.iter().map(|w| shell_quote(w)).collect();
+    let script = format!(
+        "{} 2>&1 | head -n 1\necho '---'\ndf -h {IMAGE_MOUNT} 2>&1\n",
+        quoted.join(" ")
+    );
+    let mut exec = infra_protocol::Exec::new("bash", script);
+    exec.timeout_ms = 60_000;
+    let mut out = Vec::new();
+    let result = ready
+        .client
+        .exec(exec, |o| {
+            let (Output::Stdout(d) | Output::Stderr(d)) = o;
+            out.extend_from_slice(&d);
+        })
+        .await;
+    let boot = ready.boot;
+    let agent = ready.info.agent_version.clone();
+    let languages = ready.info.languages.clone();
+    ready.vm.stop().await?;
+    let exit = result.context("the image has no bash? verify runs its checks with bash")?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (version, disk) = text.split_once("---\n").unwrap_or((text.as_str(), ""));
+    let version = version.trim();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "lang": lang.key, "image": rootfs, "version": version, "disk_usage": disk.trim(),
+                "agent_version": agent, "languages_found": languages,
+                "boot_time": boot.as_secs_f64(), "ok": exit.exit_code == Some(0),
+            })
+        );
+    } else {
+        println!("=== Language Version ===");
+        println!("{:<9}{version}", format!("{}:", lang.name));
+        println!();
+        println!("=== Disk Usage ===");
+        print!("{disk}");
+        println!();
+        println!(
+            "Agent {agent}, ready in {:.1} s; languages found: {}",
+            boot.as_secs_f64(),
+            languages.join(", ")
+        );
+    }
+    if exit.exit_code != Some(0) || !languages.contains(&lang.key) {
+        bail!(
+            "{} is not usable in this image (version check: {version})",
+            lang.name
+        );
+    }
+    Ok(())
+}
+
+fn shell_quote(w: &str) -> String {
+    if w.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_./=:".contains(c))
+    {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', r"'\''"))
+    }
+}

@@ -1,0 +1,138 @@
+//! The host side of the agent protocol over any byte stream (virtio-serial socket, hybrid
+//! vsock, TCP, Unix socket).
+
+use infra_protocol::{
+    read_message_async, write_message_async, Exec, Exit, Hello, Reply, Request, RequestBody,
+    Shutdown, PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+
+use crate::error::RunError;
+
+/// What the agent said about itself.
+#[derive(Debug, Clone)]
+pub struct AgentInfo {
+    /// Agent build version.
+    pub agent_version: String,
+    /// Languages whose toolchain is present in the image.
+    pub languages: Vec<String>,
+}
+
+/// Output of a running program, as it arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Bytes the program wrote to stdout.
+    Stdout(Vec<u8>),
+    /// Bytes the program wrote to stderr.
+    Stderr(Vec<u8>),
+}
+
+/// One connection to an agent; requests are sent one at a time.
+pub struct AgentClient<S> {
+    reader: ReadHalf<S>,
+    writer: WriteHalf<S>,
+    next_id: u64,
+}
+
+impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
+    /// Wraps a connected stream.
+    pub fn new(stream: S) -> Self {
+        let (reader, writer) = tokio::io::split(stream);
+        Self {
+            reader,
+            writer,
+            next_id: 1,
+        }
+    }
+
+    async fn send(&mut self, body: RequestBody) -> Result<u64, RunError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        write_message_async(&mut self.writer, &Request { id, body })
+            .await
+            .map_err(|e| RunError::Agent(format!("cannot send to the agent: {e}")))?;
+        Ok(id)
+    }
+
+    async fn recv(&mut self) -> Result<Reply, RunError> {
+        match read_message_async::<Reply, _>(&mut self.reader).await {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(RunError::Agent("the agent closed the connection".into())),
+            Err(e) => Err(RunError::Agent(format!("bad frame from the agent: {e}"))),
+        }
+    }
+
+    /// Says hello and checks the protocol version (the first request on a connection).
+    pub async fn hello(&mut self) -> Result<AgentInfo, RunError> {
+        let id = self
+            .send(RequestBody::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                client: format!("infra.operator {}", env!("CARGO_PKG_VERSION")),
+            }))
+            .await?;
+        match self.recv().await? {
+            Reply::HelloReply {
+                id: rid,
+                version,
+                agent_version,
+                languages,
+            } if rid == id => {
+                if version != PROTOCOL_VERSION {
+                    return Err(RunError::VersionMismatch {
+                        ours: PROTOCOL_VERSION,
+                        theirs: version,
+                        agent_version,
+                    });
+                }
+                Ok(AgentInfo {
+                    agent_version,
+                    languages,
+                })
+            }
+            Reply::Error { code, message, .. } => {
+                if code == infra_protocol::ErrorCode::VersionMismatch {
+                    Err(RunError::VersionMismatch {
+                        ours: PROTOCOL_VERSION,
+                        theirs: 0,
+                        agent_version: message,
+                    })
+                } else {
+                    Err(RunError::Agent(format!("hello refused: {message}")))
+                }
+            }
+            other => Err(RunError::Agent(format!(
+                "unexpected hello answer: {other:?}"
+            ))),
+        }
+    }
+
+    /// Runs a program, passing its output to `on_output` as it arrives.
+    pub async fn exec(
+        &mut self,
+        exec: Exec,
+        mut on_output: impl FnMut(Output),
+    ) -> Result<Exit, RunError> {
+        let id = self.send(RequestBody::Exec(exec)).await?;
+        loop {
+            match self.recv().await? {
+                Reply::Stdout { id: r, data } if r == id => on_output(Output::Stdout(data)),
+                Reply::Stderr { id: r, data } if r == id => on_output(Output::Stderr(data)),
+                Reply::Exit(exit) if exit.id == id => return Ok(exit),
+                Reply::Error { code, message, .. } => {
+                    return Err(RunError::Refused {
+                        code: code.as_str().to_string(),
+                        message,
+                    })
+                }
+                other => tracing::debug!(?other, "ignoring a reply for another request"),
+            }
+        }
+    }
+
+    /// Asks the agent to power the VM off (best effort: the VM may go before answering).
+    pub async fn shutdown(&mut self) -> Result<(), RunError> {
+        self.send(RequestBody::Shutdown(Shutdown { poweroff: true }))
+            .await
+            .map(|_| ())
+    }
+}

@@ -1,0 +1,525 @@
+//! Runs untrusted code in a fresh microVM: pick a backend, boot the language's image with the
+//! guest kernel, wait for the agent, run, stream the output back, tear everything down.
+//!
+//! ```text
+//! Runner::run ─▶ select backend (Firecracker | QEMU kvm | QEMU tcg, KVM proven by a boot)
+//!             ─▶ Vm::start (own temp dir) ─▶ hello (boot timeout) ─▶ exec (streamed)
+//!             ─▶ Vm::stop (kill, wait, remove dir) — on every path, error or not
+//! ```
+
+mod client;
+mod error;
+pub mod prepare;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use infra_protocol::{Exec, Exit};
+use infra_vmm::{Accel, Backend, Vm, VmConfig};
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixStream;
+
+pub use client::{AgentClient, AgentInfo, Output};
+pub use error::RunError;
+
+/// Which VMM to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// Firecracker when its binary is present and KVM works, else QEMU.
+    #[default]
+    Auto,
+    /// Firecracker only.
+    Firecracker,
+    /// QEMU only.
+    Qemu,
+}
+
+/// How QEMU runs guest code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccelChoice {
+    /// KVM when a probe boot proves it works on this host, else TCG.
+    #[default]
+    Auto,
+    /// KVM, no fallback.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+/// Host-wide runner settings.
+#[derive(Debug, Clone)]
+pub struct RunnerOptions {
+    /// VMM choice.
+    pub backend: BackendChoice,
+    /// QEMU acceleration choice.
+    pub accel: AccelChoice,
+    /// `qemu-system-x86_64` (default: from `PATH`).
+    pub qemu: Option<PathBuf>,
+    /// `firecracker` (default: from `PATH`).
+    pub firecracker: Option<PathBuf>,
+    /// Run Firecracker under its jailer.
+    pub jailer: Option<infra_vmm::firecracker::Jailer>,
+    /// How long a VM may take to boot to a ready agent.
+    pub boot_timeout: Duration,
+    /// The agent binary that becomes the initramfs `/init` (this executable).
+    pub agent: PathBuf,
+    /// Where per-VM directories are created.
+    pub run_dir: PathBuf,
+    /// Extra kernel arguments (e.g. `infra.log=debug`).
+    pub extra_args: String,
+}
+
+impl RunnerOptions {
+    /// Defaults for this host: auto backend, 120 s boot timeout (TCG boots on a loaded
+    /// 2-core host take ~10 s; the margin is for much slower machines), this executable as
+    /// the agent.
+    pub fn for_host() -> std::io::Result<Self> {
+        Ok(Self {
+            backend: BackendChoice::Auto,
+            accel: AccelChoice::Auto,
+            qemu: None,
+            firecracker: None,
+            jailer: None,
+            boot_timeout: Duration::from_secs(120),
+            agent: std::env::current_exe()?,
+            run_dir: default_run_dir(),
+            extra_args: String::new(),
+        })
+    }
+}
+
+/// `/run/infra-operator` for root, else `$XDG_RUNTIME_DIR/infra-operator`, else the temp dir.
+pub fn default_run_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/run/infra-operator");
+    }
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(|d| PathBuf::from(d).join("infra-operator"))
+        .unwrap_or_else(|| std::env::temp_dir().join("infra-operator"))
+}
+
+/// One program to run.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// Language key or alias.
+    pub lang: String,
+    /// Source code.
+    pub code: String,
+    /// Program arguments.
+    pub argv: Vec<String>,
+    /// Standard input.
+    pub stdin: Vec<u8>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Wall-clock limit for the program.
+    pub timeout: Duration,
+    /// Output cap per stream.
+    pub max_output_bytes: u64,
+    /// Guest memory (MiB).
+    pub mem_mib: u32,
+    /// Guest vCPUs.
+    pub vcpus: u8,
+    /// Image to boot.
+    pub rootfs: PathBuf,
+    /// Kernel (ELF vmlinux) to boot.
+    pub kernel: PathBuf,
+}
+
+/// What a run produced, in the original API's shape plus our fields.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunOutcome {
+    /// Request id (`tr-…`).
+    pub trace_id: String,
+    /// `success`, `error`, `timeout`, `compile_error`, `internal_error`.
+    pub status: String,
+    /// Program stdout (lossy UTF-8).
+    pub stdout: String,
+    /// Program stderr (lossy UTF-8).
+    pub stderr: String,
+    /// Shell-style exit code (124 for timeouts, 128+N for signals).
+    pub exit_code: i32,
+    /// Program wall time, seconds.
+    pub exec_time: f64,
+    /// Language key.
+    pub lang: String,
+    /// Boot-to-ready time, seconds.
+    pub boot_time: f64,
+    /// Whole run, seconds.
+    pub total_time: f64,
+    /// `firecracker` or `qemu`.
+    pub backend: String,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    /// The wall timeout fired.
+    pub timed_out: bool,
+    /// Signal that ended the program.
+    pub signal: Option<i32>,
+    /// stdout was cut at the cap.
+    pub stdout_truncated: bool,
+    /// stderr was cut at the cap.
+    pub stderr_truncated: bool,
+    /// Peak memory of the program, bytes (cgroup v2).
+    pub peak_memory_bytes: Option<u64>,
+    /// Compiler output for `compile_error`.
+    pub compile_output: Option<String>,
+    /// Agent version in the guest.
+    pub agent_version: String,
+}
+
+/// A booted VM with a connected, greeted agent.
+pub struct ReadyVm {
+    /// The VM (stop it with [`Vm::stop`]).
+    pub vm: Vm,
+    /// The agent connection.
+    pub client: AgentClient<UnixStream>,
+    /// What the agent reported.
+    pub info: AgentInfo,
+    /// Start-to-ready time.
+    pub boot: Duration,
+}
+
+/// Boots VMs and runs programs in them.
+#[derive(Debug, Clone)]
+pub struct Runner {
+    opts: RunnerOptions,
+    cache: PathBuf,
+}
+
+/// The KVM probe's verdict, remembered until the host reboots.
+#[derive(Debug, Serialize, Deserialize)]
+struct KvmVerdict {
+    boot_id: String,
+    usable: bool,
+    reason: String,
+}
+
+impl Runner {
+    /// A runner with these options; probe results are cached under `cache`.
+    pub fn new(opts: RunnerOptions, cache: &Path) -> Self {
+        Self {
+            opts,
+            cache: cache.to_path_buf(),
+        }
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &RunnerOptions {
+        &self.opts
+    }
+
+    fn verdict_path(&self) -> PathBuf {
+        self.cache.join("kvm-probe.json")
+    }
+
+    /// What an earlier probe found on this boot of the host, if any.
+    pub fn kvm_verdict(&self) -> Option<(bool, String)> {
+        let v: KvmVerdict =
+            serde_json::from_slice(&std::fs::read(self.verdict_path()).ok()?).ok()?;
+        (v.boot_id == boot_id()).then_some((v.usable, v.reason))
+    }
+
+    fn record_verdict(&self, usable: bool, reason: &str) {
+        let v = KvmVerdict {
+            boot_id: boot_id(),
+            usable,
+            reason: reason.to_string(),
+        };
+        let _ = std::fs::create_dir_all(&self.cache);
+        let _ = infra_config::write_atomic(
+            &self.verdict_path(),
+            &serde_json::to_vec_pretty(&v).unwrap_or_default(),
+        );
+    }
+
+    fn qemu(&self, accel: Accel) -> Result<Backend, RunError> {
+        let binary = infra_vmm::find_binary(self.opts.qemu.as_deref(), "qemu-system-x86_64")
+            .ok_or_else(|| {
+                RunError::Prerequisite(format!(
+                    "qemu-system-x86_64 not found; install it with `apt-get install {}` or run `infra.operator setup`",
+                    infra_vmm::qemu::QEMU_PACKAGE
+                ))
+            })?;
+        Ok(Backend::Qemu(infra_vmm::qemu::Qemu { binary, accel }))
+    }
+
+    fn firecracker(&self) -> Option<Backend> {
+        let binary = infra_vmm::find_binary(self.opts.firecracker.as_deref(), "firecracker")?;
+        Some(Backend::Firecracker(infra_vmm::firecracker::Firecracker {
+            binary,
+            jailer: self.opts.jailer.clone(),
+        }))
+    }
+
+    /// Backends to try, in order. Each KVM candidate is proven by its boot; a failure is
+    /// remembered and the next candidate is used.
+    fn candidates(&self) -> Result<Vec<Backend>, RunError> {
+        let kvm_ok = infra_vmm::kvm_openable() && self.kvm_verdict().is_none_or(|(ok, _)| ok);
+        let mut out = Vec::new();
+        match self.opts.backend {
+            BackendChoice::Firecracker => {
+                out.push(self.firecracker().ok_or_else(|| {
+                    RunError::Prerequisite(
+                        "firecracker not found on PATH; install it from https://github.com/firecracker-microvm/firecracker/releases or pass --firecracker PATH".into(),
+                    )
+                })?);
+                return Ok(out);
+            }
+            BackendChoice::Auto if kvm_ok => out.extend(self.firecracker()),
+            _ => {}
+        }
+        match self.opts.accel {
+            AccelChoice::Kvm => out.push(self.qemu(Accel::Kvm)?),
+            AccelChoice::Tcg => out.push(self.qemu(Accel::Tcg)?),
+            AccelChoice::Auto => {
+                if kvm_ok {
+                    out.push(self.qemu(Accel::Kvm)?);
+                }
+                out.push(self.qemu(Accel::Tcg)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Boots `rootfs` and returns once the agent has answered hello.
+    pub async fn boot(
+        &self,
+        kernel: &Path,
+        initramfs: &Path,
+        rootfs: &Path,
+        mem_mib: u32,
+        vcpus: u8,
+    ) -> Result<ReadyVm, RunError> {
+        let cfg = VmConfig {
+            kernel: kernel.to_path_buf(),
+            initramfs: initramfs.to_path_buf(),
+            rootfs: rootfs.to_path_buf(),
+            mem_mib,
+            vcpus,
+            extra_args: self.opts.extra_args.clone(),
+            run_dir: self.opts.run_dir.clone(),
+        };
+        let candidates = self.candidates()?;
+        let last = candidates.len() - 1;
+        for (i, backend) in candidates.into_iter().enumerate() {
+            let uses_kvm = match &backend {
+                Backend::Firecracker(_) => true,
+                Backend::Qemu(q) => q.accel == Accel::Kvm,
+            };
+            // An unproven KVM gets a short leash: when it is broken, the guest dies or
+            // stalls early, and the fallback still has its full boot timeout.
+            let proven = self.kvm_verdict().is_some_and(|(ok, _)| ok);
+            let timeout = if uses_kvm && !proven && i < last {
+                self.opts.boot_timeout.min(Duration::from_secs(30))
+            } else {
+                self.opts.boot_timeout
+            };
+            match boot_one(&backend, &cfg, timeout).await {
+                Ok(ready) => {
+                    if uses_kvm && !proven {
+                        self.record_verdict(true, "a probe boot reached the agent");
+                    }
+                    return Ok(ready);
+                }
+                Err(e) if uses_kvm && i < last && self.opts.accel == AccelChoice::Auto => {
+                    tracing::warn!(backend = backend.name(), error = %e, "KVM boot failed; falling back");
+                    self.record_verdict(false, &e.to_string());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the last candidate returns")
+    }
+
+    /// Boots a VM for `spec`, runs the program, streams its output to `on_output`, and tears
+    /// the VM down (also when anything fails).
+    pub async fn run(
+        &self,
+        spec: &RunSpec,
+        initramfs: &Path,
+        mut on_output: impl FnMut(Output),
+    ) -> Result<RunOutcome, RunError> {
+        if spec.code.trim().is_empty() {
+            return Err(RunError::Usage(
+                "the code is empty; pass --code or --file with a program".into(),
+            ));
+        }
+        let started = Instant::now();
+        let trace_id = format!("tr-{}", uuid::Uuid::new_v4().simple());
+        let mut ready = self
+            .boot(
+                &spec.kernel,
+                initramfs,
+                &spec.rootfs,
+                spec.mem_mib,
+                spec.vcpus,
+            )
+            .await?;
+        let mut exec = Exec::new(spec.lang.clone(), spec.code.clone());
+        exec.argv = spec.argv.clone();
+        exec.stdin = spec.stdin.clone();
+        exec.env = spec.env.clone();
+        exec.timeout_ms = spec.timeout.as_millis() as u64;
+        exec.max_output_bytes = spec.max_output_bytes;
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        // The agent enforces the timeout; this backstop only covers an agent or guest that
+        // stops answering.
+        let backstop = spec.timeout + Duration::from_secs(15);
+        let result = {
+            let exec_fut = ready.client.exec(exec, |o| {
+                match &o {
+                    Output::Stdout(d) => stdout.extend_from_slice(d),
+                    Output::Stderr(d) => stderr.extend_from_slice(d),
+                }
+                on_output(o);
+            });
+            watch_vm(&mut ready.vm, backstop, exec_fut).await
+        };
+        let backend = ready.vm.backend().to_string();
+        let accel = ready.vm.accel().to_string();
+        let stop = ready.vm.stop().await;
+        let exit: Exit = result?;
+        stop?;
+        let (stdout_s, stderr_s) = (
+            String::from_utf8_lossy(&stdout).into_owned(),
+            String::from_utf8_lossy(&stderr).into_owned(),
+        );
+        Ok(RunOutcome {
+            trace_id,
+            status: exit.status.as_str().to_string(),
+            stdout: stdout_s,
+            stderr: stderr_s,
+            exit_code: exit.shell_exit_code(),
+            exec_time: exit.wall_ms as f64 / 1000.0,
+            lang: spec.lang.clone(),
+            boot_time: ready.boot.as_secs_f64(),
+            total_time: started.elapsed().as_secs_f64(),
+            backend,
+            accel,
+            timed_out: exit.timed_out,
+            signal: exit.signal,
+            stdout_truncated: exit.stdout_truncated,
+            stderr_truncated: exit.stderr_truncated,
+            peak_memory_bytes: exit.peak_memory_bytes,
+            compile_output: exit.compile_output,
+            agent_version: ready.info.agent_version,
+        })
+    }
+}
+
+/// Waits for `fut` while watching the VMM: if it exits, or `limit` passes, the error says so.
+async fn watch_vm<T>(
+    vm: &mut Vm,
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<T, RunError>>,
+) -> Result<T, RunError> {
+    tokio::pin!(fut);
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        tokio::select! {
+            r = &mut fut => {
+                // A closed connection usually means the VM died: report that instead.
+                if r.is_err() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if vm.exited().is_some() {
+                        return Err(vm.exited_error().into());
+                    }
+                }
+                return r;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                if vm.exited().is_some() {
+                    return Err(vm.exited_error().into());
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(RunError::Agent(format!(
+                        "no answer from the guest within {} s; last console lines:\n{}",
+                        limit.as_secs(),
+                        vm.console_tail(15)
+                    )));
+                }
+            }
+        }
+    }
+}
+
+async fn boot_one(
+    backend: &Backend,
+    cfg: &VmConfig,
+    timeout: Duration,
+) -> Result<ReadyVm, RunError> {
+    let started = Instant::now();
+    let mut vm = backend.start(cfg).await?;
+    // `greet` borrows the VM, so the process is watched through its pid meanwhile.
+    let pid = vm.pid();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let outcome = {
+        let greet = async {
+            // Firecracker's vsock refuses until the guest listens: retry the connection.
+            let stream = loop {
+                match vm.connect().await {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        tracing::trace!(error = %e, "agent not reachable yet");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            };
+            let mut client = AgentClient::new(stream);
+            let info = client.hello().await?;
+            Ok::<_, RunError>((client, info))
+        };
+        tokio::pin!(greet);
+        loop {
+            tokio::select! {
+                r = &mut greet => break Some(r),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    let gone = pid.is_none_or(|p| !Path::new(&format!("/proc/{p}")).exists()
+                        || std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| s.contains(") Z ")));
+                    if gone || tokio::time::Instant::now() > deadline {
+                        break None;
+                    }
+                }
+            }
+        }
+    };
+    match outcome {
+        Some(Ok((client, info))) => Ok(ReadyVm {
+            vm,
+            client,
+            info,
+            boot: started.elapsed(),
+        }),
+        Some(Err(e)) => {
+            let e = if vm.exited().is_some() {
+                vm.exited_error().into()
+            } else {
+                e
+            };
+            let _ = vm.stop().await;
+            Err(e)
+        }
+        None => {
+            let e: RunError = if vm.exited().is_some() {
+                vm.exited_error().into()
+            } else {
+                infra_vmm::VmError::BootTimeout {
+                    secs: timeout.as_secs(),
+                    backend: backend.name(),
+                    accel: vm.accel().to_string(),
+                    console: vm.console_tail(15),
+                }
+                .into()
+            };
+            let _ = vm.stop().await;
+            Err(e)
+        }
+    }
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}

@@ -1,0 +1,202 @@
+//! QEMU `-M microvm`: the backend that works without Firecracker, and without KVM (TCG).
+//!
+//! The machine mirrors Firecracker's: virtio-mmio devices only, no PCI, no firmware, the
+//! rootfs read-only on virtio-blk. The agent channel is a virtio-serial port named `agent`
+//! backed by a Unix socket (vhost-vsock needs a host module that is often absent).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use tokio::process::Command;
+
+use crate::error::VmError;
+use crate::vm::{spawn, timer_args, vm_dir, Accel, AgentEndpoint, Vm, VmConfig};
+
+/// Debian's package for the binary, named in errors.
+pub const QEMU_PACKAGE: &str = "qemu-system-x86";
+
+/// How to run QEMU.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    /// `qemu-system-x86_64`.
+    pub binary: PathBuf,
+    /// KVM or TCG.
+    pub accel: Accel,
+}
+
+impl Qemu {
+    /// The argv for `cfg`, with sockets and logs under `dir`.
+    pub fn command_line(&self, cfg: &VmConfig, dir: &Path) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |s: &str| a.push(s.into());
+        // rtc=off and the timer arguments: both were needed for boots that never hang under
+        // load (see docs/vm.md).
+        push("-M");
+        push("microvm,x-option-roms=off,isa-serial=on,pit=on,pic=on,rtc=off");
+        match self.accel {
+            Accel::Kvm => {
+                push("-accel");
+                push("kvm");
+                push("-cpu");
+                push("host");
+            }
+            Accel::Tcg => {
+                push("-accel");
+                push("tcg");
+                push("-cpu");
+                push("max");
+            }
+        }
+        for s in [
+            "-m",
+            &cfg.mem_mib.to_string(),
+            "-smp",
+            &cfg.vcpus.to_string(),
+        ] {
+            push(s);
+        }
+        for s in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
+            push(s);
+        }
+        push("-chardev");
+        a.push(chardev("file", "con", &dir.join("console.log")));
+        let mut push = |s: &str| a.push(s.into());
+        push("-serial");
+        push("chardev:con");
+        push("-kernel");
+        a.push(cfg.kernel.clone().into());
+        a.push("-initrd".into());
+        a.push(cfg.initramfs.clone().into());
+        a.push("-append".into());
+        a.push(self.boot_args(cfg).into());
+        a.push("-drive".into());
+        let mut drive = OsString::from("id=rootfs,format=raw,if=none,readonly=on,file=");
+        drive.push(escape_commas(&cfg.rootfs));
+        a.push(drive);
+        for s in [
+            "-device",
+            "virtio-blk-device,drive=rootfs",
+            "-device",
+            "virtio-serial-device",
+        ] {
+            a.push(s.into());
+        }
+        a.push("-chardev".into());
+        let mut sock = chardev("socket", "agent", &dir.join("agent.sock"));
+        sock.push(",server=on,wait=off");
+        a.push(sock);
+        a.push("-device".into());
+        a.push("virtserialport,chardev=agent,name=agent".into());
+        a
+    }
+
+    /// The kernel command line.
+    pub fn boot_args(&self, cfg: &VmConfig) -> String {
+        let mut s = String::from("console=ttyS0 quiet panic=-1 reboot=t");
+        if self.accel == Accel::Tcg {
+            s.push(' ');
+            s.push_str(&timer_args());
+        }
+        if !cfg.extra_args.is_empty() {
+            s.push(' ');
+            s.push_str(&cfg.extra_args);
+        }
+        s
+    }
+
+    /// Starts the VM. Returns once QEMU runs; the agent is reached through [`Vm::connect`].
+    pub async fn start(&self, cfg: &VmConfig) -> Result<Vm, VmError> {
+        let dir = vm_dir(&cfg.run_dir)?;
+        let console = dir.path().join("console.log");
+        let log = dir.path().join("qemu.log");
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(self.command_line(cfg, dir.path()));
+        tracing::debug!(?cmd, "starting qemu");
+        let mut child = spawn(cmd, &log).map_err(|e| VmError::Start {
+            backend: "qemu",
+            detail: format!("cannot run {}: {e}", self.binary.display()),
+        })?;
+        // QEMU creates the agent socket before the guest starts; wait for that (or its
+        // exit, e.g. a bad option or a missing /dev/kvm).
+        let sock = dir.path().join("agent.sock");
+        for _ in 0..200 {
+            if sock.exists() {
+                break;
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(VmError::Start {
+                    backend: "qemu",
+                    detail: format!("exited with {st}: {}", said.trim()),
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        Ok(Vm {
+            backend: "qemu",
+            accel: self.accel.to_string(),
+            child,
+            dir,
+            console,
+            endpoint: AgentEndpoint::Stream(sock),
+        })
+    }
+}
+
+fn chardev(kind: &str, id: &str, path: &Path) -> OsString {
+    let mut s = OsString::from(format!("{kind},id={id},path="));
+    s.push(escape_commas(path));
+    s
+}
+
+/// QEMU option values use `,` as separator; a literal comma is written `,,`.
+fn escape_commas(p: &Path) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut out = Vec::new();
+    for &b in p.as_os_str().as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_has_readonly_disk_serial_agent_and_escaped_paths() {
+        let q = Qemu {
+            binary: "qemu-system-x86_64".into(),
+            accel: Accel::Tcg,
+        };
+        let cfg = VmConfig {
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/k/init.cpio".into(),
+            rootfs: "/img/a,b.ext4".into(),
+            mem_mib: 256,
+            vcpus: 2,
+            extra_args: "infra.x=1".into(),
+            run_dir: "/run/x".into(),
+        };
+        let argv: Vec<String> = q
+            .command_line(&cfg, Path::new("/run/x/vm-1"))
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        let joined = argv.join(" ");
+        assert!(joined.contains("file=/img/a,,b.ext4"), "{joined}");
+        assert!(joined.contains("readonly=on"), "{joined}");
+        assert!(joined.contains("-accel tcg"), "{joined}");
+        assert!(joined.contains("-m 256 -smp 2"), "{joined}");
+        assert!(joined.contains("name=agent"), "{joined}");
+        let append = &argv[argv.iter().position(|a| a == "-append").unwrap() + 1];
+        assert!(append.starts_with("console=ttyS0"), "{append}");
+        assert!(
+            append.contains("no_timer_check") && append.ends_with("infra.x=1"),
+            "{append}"
+        );
+    }
+}

@@ -1,0 +1,249 @@
+//! One running microVM, whatever VMM runs it: its process, its private directory, its
+//! console log and the way to reach the agent inside.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+
+use crate::error::VmError;
+
+/// CPU virtualisation used by QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation through `/dev/kvm`.
+    Kvm,
+    /// QEMU's software emulation (slow, works everywhere).
+    Tcg,
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+/// What to boot. The same kernel, initramfs and image boot under every backend.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// ELF `vmlinux`.
+    pub kernel: PathBuf,
+    /// Initramfs with the agent as `/init` (see `initramfs`).
+    pub initramfs: PathBuf,
+    /// ext4 image, attached read-only as the first virtio-blk disk (`/dev/vda`).
+    pub rootfs: PathBuf,
+    /// Guest memory in MiB.
+    pub mem_mib: u32,
+    /// Guest vCPUs.
+    pub vcpus: u8,
+    /// Kernel command line extras, appended to the backend's own console/reboot arguments.
+    pub extra_args: String,
+    /// Where VM directories are created (short: Unix socket paths are limited to 107 bytes).
+    pub run_dir: PathBuf,
+}
+
+/// How the host reaches the agent.
+#[derive(Debug, Clone)]
+pub enum AgentEndpoint {
+    /// A Unix socket that is the agent's byte stream (QEMU virtio-serial chardev).
+    Stream(PathBuf),
+    /// Firecracker's hybrid vsock: connect, send `CONNECT port\n`, expect `OK ...\n`.
+    HybridVsock {
+        /// The vsock device's `uds_path`.
+        uds: PathBuf,
+        /// Guest port (5000).
+        port: u32,
+    },
+}
+
+/// A started VM. Dropping it kills the VMM and removes its directory; [`Vm::stop`] does the
+/// same and waits for the process, so nothing is left behind.
+#[derive(Debug)]
+pub struct Vm {
+    pub(crate) backend: &'static str,
+    pub(crate) accel: String,
+    pub(crate) child: Child,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) console: PathBuf,
+    pub(crate) endpoint: AgentEndpoint,
+}
+
+/// Agent port inside the guest (vsock), same number as the seeds' service.
+pub const AGENT_PORT: u32 = 5000;
+
+impl Vm {
+    /// `qemu` or `firecracker`.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// Acceleration in use (`kvm`, `tcg`).
+    pub fn accel(&self) -> &str {
+        &self.accel
+    }
+
+    /// The VM's private directory (sockets, logs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The VMM's pid (for tests that kill it to check fault handling).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Opens a byte stream to the agent. For QEMU this succeeds as soon as QEMU listens;
+    /// bytes wait in the socket until the agent opens its port.
+    pub async fn connect(&self) -> Result<UnixStream, VmError> {
+        match &self.endpoint {
+            AgentEndpoint::Stream(path) => UnixStream::connect(path)
+                .await
+                .map_err(|e| VmError::io(format!("connect to {}", path.display()), e)),
+            AgentEndpoint::HybridVsock { uds, port } => hybrid_vsock_connect(uds, *port).await,
+        }
+    }
+
+    /// `Some(status)` once the VMM process has exited.
+    pub fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(st)) => Some(st.to_string()),
+            Ok(None) => None,
+            Err(e) => Some(format!("unknown ({e})")),
+        }
+    }
+
+    /// The last `lines` lines of the guest's serial console (kernel messages, panics).
+    pub fn console_tail(&self, lines: usize) -> String {
+        let text = std::fs::read(&self.console).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// The error to report when the VMM died under us.
+    pub fn exited_error(&mut self) -> VmError {
+        let status = self.exited().unwrap_or_else(|| "still running".into());
+        VmError::Exited {
+            status,
+            console: self.console_tail(20),
+        }
+    }
+
+    /// Kills the VMM, waits for it and removes the VM directory. The guest holds nothing
+    /// worth a clean shutdown: its disk is read-only and its writes live in RAM.
+    pub async fn stop(mut self) -> Result<(), VmError> {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        let Vm { dir, .. } = self;
+        dir.close()
+            .map_err(|e| VmError::io("remove the VM directory", e))
+    }
+}
+
+/// Firecracker's host side of vsock: a Unix socket that forwards to a guest port after a
+/// one-line handshake.
+pub async fn hybrid_vsock_connect(uds: &Path, port: u32) -> Result<UnixStream, VmError> {
+    let mut s = UnixStream::connect(uds)
+        .await
+        .map_err(|e| VmError::io(format!("connect to vsock socket {}", uds.display()), e))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .await
+        .map_err(|e| VmError::io("vsock handshake", e))?;
+    // Read the reply byte by byte: anything after the newline belongs to the agent.
+    let mut line = Vec::new();
+    let mut reader = BufReader::with_capacity(1, &mut s);
+    reader
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|e| VmError::io("vsock handshake", e))?;
+    let text = String::from_utf8_lossy(&line);
+    if !text.starts_with("OK ") {
+        return Err(VmError::io(
+            "vsock handshake",
+            std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                format!(
+                    "guest port {port} answered {:?} (agent not listening yet?)",
+                    text.trim()
+                ),
+            ),
+        ));
+    }
+    Ok(s)
+}
+
+/// Creates the VM directory.
+pub(crate) fn vm_dir(run_dir: &Path) -> Result<tempfile::TempDir, VmError> {
+    std::fs::create_dir_all(run_dir)
+        .map_err(|e| VmError::io(format!("create {}", run_dir.display()), e))?;
+    tempfile::Builder::new()
+        .prefix("vm-")
+        .tempdir_in(run_dir)
+        .map_err(|e| VmError::io(format!("create a VM directory in {}", run_dir.display()), e))
+}
+
+/// Spawns a VMM with its output going to `log`, in its own process group, and killed by the
+/// kernel if we die first (so a crashed or killed runner never leaves a VM running).
+pub(crate) fn spawn(mut cmd: Command, log: &Path) -> std::io::Result<Child> {
+    let out = std::fs::File::create(log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .kill_on_drop(true)
+        .process_group(0);
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Finds an executable: an explicit path, else `PATH`.
+pub fn find_binary(explicit: Option<&Path>, name: &str) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return p.is_file().then(|| p.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Kernel arguments that keep boots from hanging when the host is busy: the TSC rate and
+/// delay-loop calibration are given instead of measured (a measurement against the PIT
+/// fails under load in TCG, marks the TSC unstable, and the boot stalls for minutes).
+pub fn timer_args() -> String {
+    let khz = host_tsc_khz();
+    match khz {
+        Some(khz) => format!(
+            "tsc_early_khz={khz} lpj={} tsc=reliable no_timer_check",
+            khz * 1000 / 250
+        ),
+        None => "tsc=reliable no_timer_check".into(),
+    }
+}
+
+fn host_tsc_khz() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = text
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    (mhz > 100.0).then(|| (mhz * 1000.0).round() as u64)
+}
