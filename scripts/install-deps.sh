@@ -11,6 +11,10 @@ packages=(
   skopeo umoci     # benchmarks: pushing OCI layouts
   tar gzip ca-certificates
   python3 perl gcc libc6-dev  # guest agent tests run these languages on the host
+  qemu-system-x86  # the microVM backend on hosts without Firecracker (TCG without KVM)
+  binutils         # objcopy: strips the agent copied into the guest initramfs
+  cpio             # tests: cross-check of the initramfs archive format
+  kmod             # modinfo, for manual checks of the kernel's modules
 )
 
 missing=()

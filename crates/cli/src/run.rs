@@ -152,6 +152,9 @@ pub struct RunArgs {
     /// Guest vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
+    /// Most processes and threads the program may have at once.
+    #[arg(long, default_value_t = infra_runner::DEFAULT_MAX_PIDS)]
+    max_pids: u32,
     /// Standard input for the program: TEXT, or without a value this command's own stdin.
     #[arg(long, num_args = 0..=1, default_missing_value = "-")]
     stdin: Option<String>,
@@ -205,6 +208,12 @@ pub async fn run(a: RunArgs, paths: &Paths) -> Result<i32> {
             .with_context(|| format!("cannot read --file {}", f.display()))?,
         (None, None) => bail!("give the program with --code or --file"),
     };
+    if code.trim().is_empty() {
+        return Err(infra_runner::RunError::Usage(
+            "the code is empty; pass a program with --code or --file".into(),
+        )
+        .into());
+    }
     let stdin = match a.stdin.as_deref() {
         None => Vec::new(),
         Some("-") => {
@@ -230,6 +239,7 @@ pub async fn run(a: RunArgs, paths: &Paths) -> Result<i32> {
         max_output_bytes: a.max_output,
         mem_mib: a.mem,
         vcpus: a.vcpus,
+        max_pids: a.max_pids,
         rootfs,
         kernel,
     };
@@ -288,6 +298,7 @@ pub async fn host(a: HostArgs, paths: &Paths) -> Result<i32> {
         max_output_bytes: 1 << 20,
         mem_mib: a.mem,
         vcpus: a.vcpus,
+        max_pids: infra_runner::DEFAULT_MAX_PIDS,
         rootfs,
         kernel,
     };

@@ -155,6 +155,20 @@ impl ChildSetup {
                 }
             }
         }
+        // The agent shields itself from the OOM killer (-1000, inherited): give the program
+        // the normal score back so a memory hog is what gets killed. Raising is always
+        // allowed; failure (no /proc) only keeps the inherited value.
+        // SAFETY: a literal NUL-terminated path; open/write/close are async-signal-safe.
+        unsafe {
+            let fd = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+            }
+        }
         set_rlimit(libc::RLIMIT_CORE, Some(0))?;
         set_rlimit(libc::RLIMIT_AS, self.rlimit_as)?;
         set_rlimit(libc::RLIMIT_NPROC, self.rlimit_nproc)?;

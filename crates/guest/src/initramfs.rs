@@ -62,9 +62,7 @@ impl StageOptions {
 
 /// Whether this process is the initramfs `/init` (PID 1 started as `/init`).
 pub fn is_initramfs_init() -> bool {
-    std::process::id() == 1
-        && std::env::args_os().next().is_some_and(|a| a == "/init")
-        && Path::new(MODULE_LIST).exists()
+    std::process::id() == 1 && std::env::args_os().next().is_some_and(|a| a == "/init")
 }
 
 /// Runs the stage and execs the agent. Only returns by not returning: on failure it prints
@@ -99,7 +97,11 @@ fn stage() -> Result<Never, String> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let opts = StageOptions::from_cmdline(&cmdline);
 
-    let list = std::fs::read_to_string(MODULE_LIST).unwrap_or_default();
+    // The module list is the archive's last file: without it the kernel ran out of memory
+    // while unpacking (it logs "Initramfs unpacking failed" and carries on).
+    let list = std::fs::read_to_string(MODULE_LIST).map_err(|e| {
+        format!("{MODULE_LIST}: {e}: the initramfs did not unpack completely; give the VM more memory (--mem)")
+    })?;
     for name in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
         load_module(name)?;
     }

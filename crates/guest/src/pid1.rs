@@ -120,6 +120,11 @@ pub(crate) fn init() {
             Err(e) => tracing::warn!(target = m.target, error = %e, "mount failed"),
         }
     }
+    // Init must survive whatever the sandboxed program does to memory: if the OOM killer
+    // picked PID 1, the kernel would panic and the run would lose its result.
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
+        tracing::warn!(error = %e, "cannot protect the agent from the OOM killer");
+    }
     for (link, to) in [
         ("/dev/fd", "/proc/self/fd"),
         ("/dev/stdin", "/proc/self/fd/0"),

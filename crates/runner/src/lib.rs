@@ -89,8 +89,12 @@ impl RunnerOptions {
     }
 }
 
+/// `$INFRA_OPERATOR_HOME/run` when that is set (tests, several installs on one host), else
 /// `/run/infra-operator` for root, else `$XDG_RUNTIME_DIR/infra-operator`, else the temp dir.
 pub fn default_run_dir() -> PathBuf {
+    if let Some(home) = std::env::var_os(infra_config::HOME_ENV).filter(|h| !h.is_empty()) {
+        return PathBuf::from(home).join("run");
+    }
     if nix::unistd::geteuid().is_root() {
         return PathBuf::from("/run/infra-operator");
     }
@@ -98,6 +102,12 @@ pub fn default_run_dir() -> PathBuf {
         .map(|d| PathBuf::from(d).join("infra-operator"))
         .unwrap_or_else(|| std::env::temp_dir().join("infra-operator"))
 }
+
+/// Guest memory kept out of the program's cgroup for the kernel, page cache and the agent.
+pub const GUEST_RESERVE_MIB: u32 = 96;
+
+/// Default process budget (`--max-pids`).
+pub const DEFAULT_MAX_PIDS: u32 = 256;
 
 /// One program to run.
 #[derive(Debug, Clone)]
@@ -120,6 +130,8 @@ pub struct RunSpec {
     pub mem_mib: u32,
     /// Guest vCPUs.
     pub vcpus: u8,
+    /// Most processes/threads the program may have at once.
+    pub max_pids: u32,
     /// Image to boot.
     pub rootfs: PathBuf,
     /// Kernel (ELF vmlinux) to boot.
@@ -290,6 +302,16 @@ impl Runner {
         mem_mib: u32,
         vcpus: u8,
     ) -> Result<ReadyVm, RunError> {
+        // The kernel holds the archive and its unpacked files at once while booting.
+        let initramfs_mib = std::fs::metadata(initramfs)
+            .map(|m| (m.len() >> 20) as u32)
+            .unwrap_or(0);
+        let floor = 2 * initramfs_mib + 128;
+        if mem_mib < floor {
+            return Err(RunError::Usage(format!(
+                "--mem {mem_mib} is too small: the initramfs alone is {initramfs_mib} MiB; use at least {floor}"
+            )));
+        }
         let cfg = VmConfig {
             kernel: kernel.to_path_buf(),
             initramfs: initramfs.to_path_buf(),
@@ -361,6 +383,12 @@ impl Runner {
         exec.env = spec.env.clone();
         exec.timeout_ms = spec.timeout.as_millis() as u64;
         exec.max_output_bytes = spec.max_output_bytes;
+        // Leave the kernel and the agent room to report: the program's cgroup gets the
+        // guest's memory minus a reserve, and a pid budget that stops fork bombs early.
+        exec.memory_mb = Some(u64::from(
+            spec.mem_mib.saturating_sub(GUEST_RESERVE_MIB).max(32),
+        ));
+        exec.max_pids = Some(spec.max_pids);
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
         // The agent enforces the timeout; this backstop only covers an agent or guest that
@@ -420,11 +448,8 @@ async fn watch_vm<T>(
         tokio::select! {
             r = &mut fut => {
                 // A closed connection usually means the VM died: report that instead.
-                if r.is_err() {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    if vm.exited().is_some() {
-                        return Err(vm.exited_error().into());
-                    }
+                if r.is_err() && vm.exited_within(Duration::from_secs(3)).await {
+                    return Err(vm.exited_error().into());
                 }
                 return r;
             }
@@ -492,7 +517,7 @@ async fn boot_one(
             boot: started.elapsed(),
         }),
         Some(Err(e)) => {
-            let e = if vm.exited().is_some() {
+            let e = if vm.exited_within(Duration::from_secs(3)).await {
                 vm.exited_error().into()
             } else {
                 e

@@ -171,7 +171,7 @@ impl KernelStore {
         if out.exists() {
             return Ok(out);
         }
-        let agent_bytes = std::fs::read(agent).map_err(|e| KernelError::io(agent, e))?;
+        let agent_bytes = stripped_agent(agent)?;
         let modules: Vec<ModuleFile> = manifest
             .modules
             .iter()
@@ -184,6 +184,23 @@ impl KernelStore {
         prune_initramfs_cache(&self.initramfs_cache, &out);
         Ok(out)
     }
+}
+
+/// The agent without its debug sections when `objcopy` (binutils) is available: the
+/// initramfs lives in guest RAM, and a debug build is three times larger with them.
+fn stripped_agent(agent: &Path) -> Result<Vec<u8>, KernelError> {
+    let tmp = tempfile::NamedTempFile::new().map_err(|e| KernelError::io(agent, e))?;
+    let stripped = Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(agent)
+        .arg(tmp.path())
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let from = if stripped { tmp.path() } else { agent };
+    if !stripped {
+        tracing::info!("objcopy not available; the initramfs carries the agent unstripped");
+    }
+    std::fs::read(from).map_err(|e| KernelError::io(from, e))
 }
 
 /// Keeps the cache to the newest few archives (each holds a full agent binary).

@@ -118,6 +118,15 @@ impl Vm {
         }
     }
 
+    /// Waits up to `limit` for the VMM to exit; `true` if it did. A dropped agent
+    /// connection usually means the VM is going down: this tells the two apart.
+    pub async fn exited_within(&mut self, limit: std::time::Duration) -> bool {
+        matches!(
+            tokio::time::timeout(limit, self.child.wait()).await,
+            Ok(Ok(_)) | Ok(Err(_))
+        )
+    }
+
     /// The last `lines` lines of the guest's serial console (kernel messages, panics).
     pub fn console_tail(&self, lines: usize) -> String {
         let text = std::fs::read(&self.console).unwrap_or_default();
