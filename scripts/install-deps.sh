@@ -14,7 +14,6 @@ packages=(
   qemu-system-x86  # the microVM backend on hosts without Firecracker (TCG without KVM)
   binutils         # objcopy: strips the agent copied into the guest initramfs
   cpio             # tests: cross-check of the initramfs archive format
-  kmod             # modinfo, for manual checks of the kernel's modules
 )
 
 missing=()

@@ -9,7 +9,7 @@
 //!
 //! Kernel command-line parameters: `infra.root=DEV` (default `/dev/vda`),
 //! `infra.overlay=0` (mount the image read-only without overlay), `infra.log=FILTER`
-//! (`RUST_LOG` for the agent).
+//! (`RUST_LOG` for the agent), `infra.init=PATH` (run this init instead, e.g. systemd).
 
 use std::ffi::CString;
 use std::os::fd::AsFd;
@@ -37,6 +37,9 @@ pub struct StageOptions {
     pub overlay: bool,
     /// `RUST_LOG` for the agent, if given.
     pub log: Option<String>,
+    /// Another init to run instead of the agent (e.g. `/lib/systemd/systemd`, which then
+    /// starts the agent as a service: the seeds' boot path, kept for comparison).
+    pub init: Option<String>,
 }
 
 impl StageOptions {
@@ -46,6 +49,7 @@ impl StageOptions {
             root: "/dev/vda".into(),
             overlay: true,
             log: None,
+            init: None,
         };
         for word in cmdline.split_whitespace() {
             if let Some(v) = word.strip_prefix("infra.root=") {
@@ -54,6 +58,8 @@ impl StageOptions {
                 o.overlay = !matches!(v, "0" | "off" | "no" | "false");
             } else if let Some(v) = word.strip_prefix("infra.log=") {
                 o.log = Some(v.to_string());
+            } else if let Some(v) = word.strip_prefix("infra.init=") {
+                o.init = Some(v.to_string());
             }
         }
         o
@@ -156,11 +162,19 @@ fn stage() -> Result<Never, String> {
     nix::unistd::chroot(".").map_err(fail("chroot"))?;
     nix::unistd::chdir("/").map_err(fail("chdir /"))?;
 
-    let prog = CString::new(AGENT_IN_IMAGE).unwrap();
-    let args = [
-        CString::new("infra.operator").unwrap(),
-        CString::new("guest").unwrap(),
-    ];
+    let (prog, args) = match &opts.init {
+        Some(init) => {
+            let p = CString::new(init.as_str()).map_err(|_| "bad infra.init")?;
+            (p.clone(), vec![p])
+        }
+        None => (
+            CString::new(AGENT_IN_IMAGE).unwrap(),
+            vec![
+                CString::new("infra.operator").unwrap(),
+                CString::new("guest").unwrap(),
+            ],
+        ),
+    };
     let mut env: Vec<CString> = vec![
         CString::new("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin").unwrap(),
         CString::new("HOME=/root").unwrap(),
@@ -170,7 +184,8 @@ fn stage() -> Result<Never, String> {
     }
     let e = nix::unistd::execve(&prog, &args, &env).unwrap_err();
     Err(format!(
-        "exec {AGENT_IN_IMAGE}: {e} (the image has no agent?)"
+        "exec {}: {e} (not in the image?)",
+        prog.to_string_lossy()
     ))
 }
 
@@ -232,6 +247,9 @@ mod tests {
         assert_eq!(o.root, "/dev/vdb");
         assert!(o.overlay);
         assert_eq!(o.log.as_deref(), Some("debug"));
+        assert_eq!(o.init, None);
+        let o = StageOptions::from_cmdline("infra.init=/lib/systemd/systemd");
+        assert_eq!(o.init.as_deref(), Some("/lib/systemd/systemd"));
         let o = StageOptions::from_cmdline("infra.overlay=0");
         assert_eq!((o.root.as_str(), o.overlay), ("/dev/vda", false));
     }

@@ -14,7 +14,7 @@ use tokio::net::UnixStream;
 use tokio::process::Command;
 
 use crate::error::VmError;
-use crate::vm::{spawn, vm_dir, AgentEndpoint, Vm, VmConfig, AGENT_PORT};
+use crate::vm::{spawn, vm_dir, AgentEndpoint, Vm, VmConfig, AGENT_PORT, FAST_BOOT_ARGS};
 
 /// Guest context id of the VM's vsock device (any value ≥ 3 works; each VM has its own
 /// device, so they do not clash).
@@ -75,7 +75,7 @@ impl Firecracker {
     pub fn boot_args(cfg: &VmConfig) -> String {
         // reboot=k: the guest's reboot reaches Firecracker through the i8042 reset line and
         // the VMM exits; pci=off: Firecracker has no PCI bus.
-        let mut s = String::from("console=ttyS0 quiet panic=-1 reboot=k pci=off");
+        let mut s = format!("console=ttyS0 quiet panic=-1 reboot=k pci=off {FAST_BOOT_ARGS}");
         if !cfg.extra_args.is_empty() {
             s.push(' ');
             s.push_str(&cfg.extra_args);

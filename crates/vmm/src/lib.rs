@@ -22,6 +22,7 @@ pub mod vmlinux;
 pub use error::{KernelError, VmError};
 pub use vm::{
     find_binary, hybrid_vsock_connect, timer_args, Accel, AgentEndpoint, Vm, VmConfig, AGENT_PORT,
+    FAST_BOOT_ARGS,
 };
 
 /// A configured VMM.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use tokio::process::Command;
 
 use crate::error::VmError;
-use crate::vm::{spawn, timer_args, vm_dir, Accel, AgentEndpoint, Vm, VmConfig};
+use crate::vm::{spawn, timer_args, vm_dir, Accel, AgentEndpoint, Vm, VmConfig, FAST_BOOT_ARGS};
 
 /// Debian's package for the binary, named in errors.
 pub const QEMU_PACKAGE: &str = "qemu-system-x86";
@@ -92,7 +92,7 @@ impl Qemu {
 
     /// The kernel command line.
     pub fn boot_args(&self, cfg: &VmConfig) -> String {
-        let mut s = String::from("console=ttyS0 quiet panic=-1 reboot=t");
+        let mut s = format!("console=ttyS0 quiet panic=-1 reboot=t {FAST_BOOT_ARGS}");
         if self.accel == Accel::Tcg {
             s.push(' ');
             s.push_str(&timer_args());
