@@ -145,6 +145,17 @@ fn exit_code_stdin_env_args_and_stderr_pass_through() {
 }
 
 #[test]
+fn binary_output_passes_through_unchanged() {
+    let _g = vm_lock();
+    let code = "import sys\nsys.stdout.buffer.write(bytes(range(256)) * 3)\n";
+    let o = run(&["run", "-l", "python", "-c", code, "--accel", "tcg"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let want: Vec<u8> = (0..=255u8).cycle().take(768).collect();
+    assert_eq!(o.stdout, want);
+    assert_clean();
+}
+
+#[test]
 fn timeout_kills_the_tree_and_reports_124() {
     let _g = vm_lock();
     // A grandchild that closed stdout keeps running: the kill must still reach it.

@@ -136,3 +136,94 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
             .map(|_| ())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infra_protocol::{read_message_async, write_message_async};
+
+    /// An agent of another protocol generation is named in the error, with what to do.
+    #[tokio::test]
+    async fn hello_from_another_protocol_version_is_refused() {
+        let (host, mut guest) = tokio::io::duplex(1 << 16);
+        let fake = tokio::spawn(async move {
+            let req: Request = read_message_async(&mut guest).await.unwrap().unwrap();
+            let reply = Reply::HelloReply {
+                id: req.id,
+                version: PROTOCOL_VERSION + 1,
+                agent_version: "9.9.9".into(),
+                languages: vec!["python".into()],
+            };
+            write_message_async(&mut guest, &reply).await.unwrap();
+        });
+        let err = AgentClient::new(host).hello().await.unwrap_err();
+        fake.await.unwrap();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, RunError::VersionMismatch { theirs, .. } if theirs == PROTOCOL_VERSION + 1)
+        );
+        assert!(
+            msg.contains("9.9.9") && msg.contains("rebuild the image"),
+            "{msg}"
+        );
+    }
+
+    /// Output events arrive in order and the exit ends the exec; replies for other ids are
+    /// skipped.
+    #[tokio::test]
+    async fn exec_streams_output_then_exit() {
+        let (host, mut guest) = tokio::io::duplex(1 << 16);
+        let fake = tokio::spawn(async move {
+            let req: Request = read_message_async(&mut guest).await.unwrap().unwrap();
+            let id = req.id;
+            for r in [
+                Reply::Stdout {
+                    id,
+                    data: b"4".to_vec(),
+                },
+                Reply::Ok { id: id + 100 },
+                Reply::Stderr {
+                    id,
+                    data: b"warn".to_vec(),
+                },
+                Reply::Stdout {
+                    id,
+                    data: b"2\n".to_vec(),
+                },
+            ] {
+                write_message_async(&mut guest, &r).await.unwrap();
+            }
+            let (status, exit_code) = infra_protocol::ExecStatus::classify(Some(0), false);
+            let exit = Exit {
+                id,
+                status,
+                exit_code,
+                signal: None,
+                timed_out: false,
+                wall_ms: 5,
+                peak_memory_bytes: None,
+                stdout_truncated: false,
+                stderr_truncated: false,
+                compile_output: None,
+            };
+            write_message_async(&mut guest, &Reply::Exit(exit))
+                .await
+                .unwrap();
+        });
+        let mut seen = Vec::new();
+        let exit = AgentClient::new(host)
+            .exec(Exec::new("python", "print(42)"), |o| seen.push(o))
+            .await
+            .unwrap();
+        fake.await.unwrap();
+        assert_eq!(exit.exit_code, Some(0));
+        assert_eq!(
+            seen,
+            [
+                Output::Stdout(b"4".to_vec()),
+                Output::Stderr(b"warn".to_vec()),
+                Output::Stdout(b"2\n".to_vec())
+            ]
+        );
+    }
+}

@@ -30,7 +30,7 @@ impl Qemu {
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |s: &str| a.push(s.into());
         // rtc=off and the timer arguments: both were needed for boots that never hang under
-        // load (see docs/vm.md).
+        // load (see docs/architecture.md, "Kernel as Debian ships it").
         push("-M");
         push("microvm,x-option-roms=off,isa-serial=on,pit=on,pic=on,rtc=off");
         match self.accel {
