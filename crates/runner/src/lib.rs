@@ -345,7 +345,8 @@ impl Runner {
                 }
                 Err(e) if uses_kvm && i < last && self.opts.accel == AccelChoice::Auto => {
                     tracing::warn!(backend = backend.name(), error = %e, "KVM boot failed; falling back");
-                    self.record_verdict(false, &e.to_string());
+                    let first_line = e.to_string().lines().next().unwrap_or("").to_string();
+                    self.record_verdict(false, &first_line);
                 }
                 Err(e) => return Err(e),
             }

@@ -86,11 +86,13 @@ pub enum VmError {
         console: String,
     },
     /// The VMM exited (crash, kill, guest panic) before or while the agent was in use.
-    #[error("the VM exited unexpectedly ({status}); last console lines:\n{console}")]
+    #[error("the VM exited unexpectedly ({status}{vmm_said}){console}")]
     Exited {
         /// Exit status of the VMM process.
         status: String,
-        /// Tail of the serial console.
+        /// The VMM's own last words (e.g. QEMU's "KVM internal error"), prefixed with ": ".
+        vmm_said: String,
+        /// Tail of the serial console, with its heading (empty when the guest printed nothing).
         console: String,
     },
     /// Host-side I/O (temp dir, sockets).

@@ -256,6 +256,7 @@ impl Firecracker {
             child,
             dir,
             console,
+            vmm_log: None,
             endpoint: AgentEndpoint::HybridVsock {
                 uds: host_vsock,
                 port: AGENT_PORT,

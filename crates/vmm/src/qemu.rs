@@ -138,6 +138,7 @@ impl Qemu {
             child,
             dir,
             console,
+            vmm_log: Some(log),
             endpoint: AgentEndpoint::Stream(sock),
         })
     }

@@ -71,6 +71,8 @@ pub struct Vm {
     pub(crate) child: Child,
     pub(crate) dir: tempfile::TempDir,
     pub(crate) console: PathBuf,
+    /// The VMM's own stderr when it is not the console (QEMU).
+    pub(crate) vmm_log: Option<PathBuf>,
     pub(crate) endpoint: AgentEndpoint,
 }
 
@@ -138,9 +140,26 @@ impl Vm {
     /// The error to report when the VMM died under us.
     pub fn exited_error(&mut self) -> VmError {
         let status = self.exited().unwrap_or_else(|| "still running".into());
+        let said = self
+            .vmm_log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|t| {
+                let lines: Vec<&str> = t.lines().filter(|l| !l.trim().is_empty()).collect();
+                lines[lines.len().saturating_sub(2)..].join(" / ")
+            })
+            .filter(|t| !t.is_empty())
+            .map(|t| format!(": {t}"))
+            .unwrap_or_default();
+        let tail = self.console_tail(20);
         VmError::Exited {
             status,
-            console: self.console_tail(20),
+            vmm_said: said,
+            console: if tail.trim().is_empty() {
+                String::new()
+            } else {
+                format!("; last console lines:\n{tail}")
+            },
         }
     }
 
