@@ -116,7 +116,9 @@ fn main() {
             let code = exit_code(&e);
             // `run`/`host` pass the program's exit code through; their own failures use
             // 125 like `docker run`, except usage errors.
-            let code = if is_run && code != exit::USAGE {
+            let code = if e.downcast_ref::<run::Interrupted>().is_some() {
+                run::INTERRUPTED
+            } else if is_run && code != exit::USAGE {
                 run::SANDBOX_FAILURE
             } else {
                 code

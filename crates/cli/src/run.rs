@@ -244,22 +244,21 @@ pub async fn run(a: RunArgs, paths: &Paths) -> Result<i32> {
         kernel,
     };
     let stream = !a.json;
-    let outcome = runner
-        .run(&spec, &initramfs, |o| {
-            if stream {
-                match o {
-                    Output::Stdout(d) => {
-                        let mut out = std::io::stdout().lock();
-                        let _ = out.write_all(&d);
-                        let _ = out.flush();
-                    }
-                    Output::Stderr(d) => {
-                        let _ = std::io::stderr().write_all(&d);
-                    }
+    let run = runner.run(&spec, &initramfs, |o| {
+        if stream {
+            match o {
+                Output::Stdout(d) => {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(&d);
+                    let _ = out.flush();
+                }
+                Output::Stderr(d) => {
+                    let _ = std::io::stderr().write_all(&d);
                 }
             }
-        })
-        .await?;
+        }
+    });
+    let outcome = until_interrupted(run).await??;
     if a.json {
         println!("{}", serde_json::to_string(&outcome)?);
     } else {
@@ -302,10 +301,37 @@ pub async fn host(a: HostArgs, paths: &Paths) -> Result<i32> {
         rootfs,
         kernel,
     };
-    let outcome = runner.run(&spec, &initramfs, |_| {}).await?;
+    let outcome = until_interrupted(runner.run(&spec, &initramfs, |_| {})).await??;
     println!("=== Execution Result ===");
     println!("{}", serde_json::to_string_pretty(&outcome)?);
     Ok(outcome.exit_code)
+}
+
+/// Exit code after Ctrl-C or SIGTERM (128 + SIGINT, as shells report it).
+pub const INTERRUPTED: i32 = 130;
+
+/// The user gave up on the run: reported with exit code [`INTERRUPTED`].
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted; the VM was stopped and its files removed")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Runs `fut` unless Ctrl-C or SIGTERM comes first. Dropping the run future drops its VM,
+/// which kills the VMM and removes the VM directory, so an interrupted run leaves nothing.
+async fn until_interrupted<T>(fut: impl std::future::Future<Output = T>) -> Result<T> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch SIGTERM")?;
+    tokio::select! {
+        r = fut => Ok(r),
+        _ = tokio::signal::ctrl_c() => Err(Interrupted.into()),
+        _ = term.recv() => Err(Interrupted.into()),
+    }
 }
 
 fn parse_env(pairs: &[String]) -> Result<BTreeMap<String, String>> {

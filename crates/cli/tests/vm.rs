@@ -258,6 +258,40 @@ fn killed_vmm_is_reported_and_cleaned_up() {
     assert_clean();
 }
 
+#[test]
+fn ctrl_c_stops_the_vm_and_removes_its_files() {
+    let _g = vm_lock();
+    let mut child = cli(&[
+        "run",
+        "-l",
+        "python",
+        "-c",
+        "import time\nprint('up', flush=True)\ntime.sleep(600)",
+        "--accel",
+        "tcg",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 3];
+    std::io::Read::read_exact(&mut out, &mut first).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("interrupted"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_clean();
+}
+
 fn qemu_children(parent: u32) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .unwrap()
