@@ -223,9 +223,8 @@ fn fork_bomb_and_memory_hog_end_with_a_status() {
     assert_clean();
 }
 
-#[test]
-fn killed_vmm_is_reported_and_cleaned_up() {
-    let _g = vm_lock();
+/// Starts a `run` whose program prints `up` and sleeps; returns once it printed.
+fn start_sleeper() -> std::process::Child {
     let mut child = cli(&[
         "run",
         "-l",
@@ -239,11 +238,17 @@ fn killed_vmm_is_reported_and_cleaned_up() {
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    // Wait for the program to run (its first output), then kill the VMM under it.
-    let mut out = child.stdout.take().unwrap();
     let mut first = [0u8; 3];
-    std::io::Read::read_exact(&mut out, &mut first).unwrap();
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
     assert_eq!(&first, b"up\n");
+    child
+}
+
+#[test]
+fn killed_vmm_is_reported_and_cleaned_up() {
+    let _g = vm_lock();
+    // The program runs (it printed `up`); then it is interrupted.
+    let child = start_sleeper();
     let qemu = qemu_children(child.id());
     assert_eq!(qemu.len(), 1, "one VMM per run");
     nix::sys::signal::kill(
@@ -261,22 +266,8 @@ fn killed_vmm_is_reported_and_cleaned_up() {
 #[test]
 fn ctrl_c_stops_the_vm_and_removes_its_files() {
     let _g = vm_lock();
-    let mut child = cli(&[
-        "run",
-        "-l",
-        "python",
-        "-c",
-        "import time\nprint('up', flush=True)\ntime.sleep(600)",
-        "--accel",
-        "tcg",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut first = [0u8; 3];
-    std::io::Read::read_exact(&mut out, &mut first).unwrap();
+    // The program runs (it printed `up`); then it is interrupted.
+    let child = start_sleeper();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGINT,
@@ -306,44 +297,30 @@ fn qemu_children(parent: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Runs `print(1)` with `extra` flags, expects the sandbox to fail (125) with `reason`.
+fn assert_sandbox_failure(extra: &[&str], reason: &str) {
+    let mut args = vec!["run", "-l", "python", "-c", "print(1)", "--accel", "tcg"];
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(125));
+    let err = text(&o.stderr);
+    assert!(err.contains(reason), "{err}");
+    assert_clean();
+}
+
 #[test]
 fn missing_root_disk_fails_the_boot_with_the_guest_reason() {
     let _g = vm_lock();
-    let o = run(&[
-        "run",
-        "-l",
-        "python",
-        "-c",
-        "print(1)",
-        "--accel",
-        "tcg",
-        "--kernel-args",
-        "infra.root=/dev/vdz",
-    ]);
-    assert_eq!(o.status.code(), Some(125));
-    let err = text(&o.stderr);
-    assert!(err.contains("root device /dev/vdz did not appear"), "{err}");
-    assert_clean();
+    assert_sandbox_failure(
+        &["--kernel-args", "infra.root=/dev/vdz"],
+        "root device /dev/vdz did not appear",
+    );
 }
 
 #[test]
 fn boot_timeout_is_a_clear_error() {
     let _g = vm_lock();
-    let o = run(&[
-        "run",
-        "-l",
-        "python",
-        "-c",
-        "print(1)",
-        "--accel",
-        "tcg",
-        "--boot-timeout",
-        "1",
-    ]);
-    assert_eq!(o.status.code(), Some(125));
-    let err = text(&o.stderr);
-    assert!(err.contains("not ready after 1 s"), "{err}");
-    assert_clean();
+    assert_sandbox_failure(&["--boot-timeout", "1"], "not ready after 1 s");
 }
 
 #[test]
