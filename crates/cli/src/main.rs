@@ -3,6 +3,7 @@
 
 mod guest;
 mod rootfs;
+mod store;
 mod ui;
 
 use clap::{Parser, Subcommand};
@@ -43,6 +44,9 @@ enum Command {
     Rootfs(rootfs::RootfsCommand),
     /// Run the in-VM agent (PID 1 in infra.operator images).
     Guest(guest::GuestArgs),
+    /// Object store (S3 or a local directory): images, kernel, sync, versions, cost.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
 }
 
 fn main() {
@@ -70,6 +74,7 @@ fn main() {
         match cli.command {
             Command::Rootfs(cmd) => rootfs::run(cmd, &paths).await,
             Command::Guest(a) => guest::run(a).await,
+            Command::Store(cmd) => store::run(cmd, &paths).await,
         }
     });
     if let Err(e) = result {
@@ -82,6 +87,9 @@ fn main() {
 /// Maps an error to the documented exit code.
 fn exit_code(e: &anyhow::Error) -> i32 {
     use infra_image::Error as E;
+    if let Some(se) = e.downcast_ref::<infra_store::Error>() {
+        return store::exit_code(se);
+    }
     match e.downcast_ref::<E>() {
         Some(
             E::HostileEntry { .. }

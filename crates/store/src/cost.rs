@@ -61,8 +61,10 @@ pub fn format_usd(x: f64) -> String {
         format!("${:.2}", round(x, 2))
     } else if x >= 0.001 {
         format!("${:.3}", round(x, 3))
+    } else if x >= 0.00005 {
+        format!("${:.4}", round(x, 4))
     } else if x > 0.0 {
-        format!("${:.4}", round(x, 4).max(0.0001))
+        "<$0.0001".into()
     } else {
         "$0".into()
     }
