@@ -295,6 +295,11 @@ metrics_token = "{token}"
         ]
     }
 
+    /// Process id of the server, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Kills the server (SIGKILL), keeping its data.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -333,6 +338,12 @@ pub struct Faults {
     pub part_calls: AtomicUsize,
     /// Number of `get` calls seen.
     pub get_calls: AtomicUsize,
+    /// Number of `list` calls seen.
+    pub list_calls: AtomicUsize,
+    /// Number of `head` calls seen.
+    pub head_calls: AtomicUsize,
+    /// Number of writes seen (`put`, `create_multipart`, `delete`).
+    pub write_calls: AtomicUsize,
 }
 
 impl Faults {
@@ -379,9 +390,11 @@ impl ObjectStore for FaultyStore {
         self.inner.kind()
     }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        self.faults.list_calls.fetch_add(1, Ordering::SeqCst);
         self.inner.list(prefix).await
     }
     async fn head(&self, key: &str, version_id: Option<&str>) -> Result<ObjectInfo> {
+        self.faults.head_calls.fetch_add(1, Ordering::SeqCst);
         self.inner.head(key, version_id).await
     }
     async fn get(&self, key: &str, opts: &GetOptions) -> Result<GetResponse> {
@@ -414,12 +427,15 @@ impl ObjectStore for FaultyStore {
         })
     }
     async fn put(&self, key: &str, body: Body, metadata: &Metadata) -> Result<PutResult> {
+        self.faults.write_calls.fetch_add(1, Ordering::SeqCst);
         self.inner.put(key, body, metadata).await
     }
     async fn delete(&self, key: &str) -> Result<()> {
+        self.faults.write_calls.fetch_add(1, Ordering::SeqCst);
         self.inner.delete(key).await
     }
     async fn create_multipart(&self, key: &str, metadata: &Metadata) -> Result<String> {
+        self.faults.write_calls.fetch_add(1, Ordering::SeqCst);
         self.inner.create_multipart(key, metadata).await
     }
     async fn upload_part(
