@@ -461,10 +461,23 @@ fn clone_credentials_error(
     c: &aws_credential_types::provider::error::CredentialsError,
 ) -> aws_credential_types::provider::error::CredentialsError {
     use aws_credential_types::provider::error::CredentialsError as C;
-    let text = match std::error::Error::source(c) {
-        Some(s) => format!("{c}: {s}"),
-        None => c.to_string(),
-    };
+    // One line: the chain's distinct messages, the provider list joined with "; ".
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(c);
+    while let Some(e) = cur {
+        let t = e
+            .to_string()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        cur = e.source();
+    }
+    let text = parts.join(": ");
     match c {
         C::CredentialsNotLoaded(_) => C::not_loaded(text),
         _ => C::provider_error(text),
