@@ -440,9 +440,8 @@ impl S3Store {
     }
 }
 
-fn find_credentials_error<E>(
-    err: &SdkError<E>,
-) -> Option<aws_credential_types::provider::error::CredentialsError>
+/// The credential chain's failure, as one line, when that is why the request failed.
+fn find_credentials_error<E>(err: &SdkError<E>) -> Option<std::io::Error>
 where
     E: std::error::Error + 'static,
 {
@@ -450,18 +449,15 @@ where
     while let Some(e) = cur {
         if let Some(c) = e.downcast_ref::<aws_credential_types::provider::error::CredentialsError>()
         {
-            return Some(clone_credentials_error(c));
+            return Some(std::io::Error::other(credentials_text(c)));
         }
         cur = e.source();
     }
     None
 }
 
-fn clone_credentials_error(
-    c: &aws_credential_types::provider::error::CredentialsError,
-) -> aws_credential_types::provider::error::CredentialsError {
-    use aws_credential_types::provider::error::CredentialsError as C;
-    // One line: the chain's distinct messages, the provider list joined with "; ".
+/// The chain's distinct messages on one line (the provider list joined with "; ").
+fn credentials_text(c: &aws_credential_types::provider::error::CredentialsError) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(c);
     while let Some(e) = cur {
@@ -471,17 +467,19 @@ fn clone_credentials_error(
             .map(str::trim)
             .filter(|l| !l.is_empty())
             .collect::<Vec<_>>()
-            .join("; ");
-        if !parts.iter().any(|p| p.contains(&t)) {
+            .join("; ")
+            .replace("Attempted:; ", "Attempted: ");
+        if !parts
+            .iter()
+            .any(|p| p.contains(&t) || t.contains(p.as_str()))
+        {
             parts.push(t);
+        } else if let Some(p) = parts.iter_mut().find(|p| t.contains(p.as_str())) {
+            *p = t;
         }
         cur = e.source();
     }
-    let text = parts.join(": ");
-    match c {
-        C::CredentialsNotLoaded(_) => C::not_loaded(text),
-        _ => C::provider_error(text),
-    }
+    parts.join(": ")
 }
 
 fn to_chrono(t: &aws_sdk_s3::primitives::DateTime) -> Option<DateTime<Utc>> {
