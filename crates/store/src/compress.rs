@@ -80,7 +80,7 @@ impl PartSink {
 
 /// Data regions of a file as (offset, len), from SEEK_DATA/SEEK_HOLE (whole file if the
 /// filesystem cannot tell).
-fn data_regions(file: &std::fs::File, size: u64) -> Vec<(u64, u64)> {
+pub(crate) fn data_regions(file: &std::fs::File, size: u64) -> Vec<(u64, u64)> {
     use nix::unistd::{lseek, Whence};
     let mut out = Vec::new();
     let mut pos: i64 = 0;

@@ -39,7 +39,7 @@ pub const DEFAULT_PART: u64 = 16 * MIB;
 /// Default number of parts or chunks in flight.
 pub const DEFAULT_CONCURRENCY: usize = 8;
 const BLOCK: usize = 4096;
-const WRITE_BUF: usize = 256 * 1024;
+const WRITE_BUF: usize = 64 * 1024;
 
 /// Knobs of the engine.
 #[derive(Debug, Clone)]
@@ -648,7 +648,11 @@ impl Engine {
                 match set.join_next().await {
                     None => break Ok(()),
                     Some(Ok(Ok(i))) => {
-                        received += chunk.min(size - i * chunk);
+                        let len = chunk.min(size - i * chunk);
+                        // Start writing this chunk to disk now, so the final fsync finds little
+                        // left to do.
+                        start_writeback(&file, i * chunk, len);
+                        received += len;
                         state.done.insert(i);
                         let _ = htx.send(i);
                         since_save += 1;
@@ -751,6 +755,22 @@ fn part_len(size: u64, part_size: u64, n: u64) -> u64 {
 pub(crate) fn short_label(verb: &str, key: &str) -> String {
     let name = key.rsplit('/').next().unwrap_or(key);
     format!("{verb} {name}")
+}
+
+/// Asks the kernel to start writing a range to disk (no waiting; errors ignored: the fsync
+/// before the rename is what counts).
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range only reads its integer arguments; the descriptor is valid for the
+    // lifetime of `file`.
+    unsafe {
+        nix::libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            nix::libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
 }
 
 fn punch_hole(file: &std::fs::File, offset: u64, len: u64) {
