@@ -34,7 +34,7 @@ BIN=${BIN:-"$TARGET_DIR/x86_64-unknown-linux-gnu/release/infra-operator"}
 DATE=$(date +%F)
 RESULTS=${RESULTS:-"$BENCH_DIR/results/store-$DATE.md"}
 RAW="${RESULTS%.md}.csv"
-BUCKET=bench
+BENCH_BUCKET=bench
 
 log() { printf '\033[1m[bench]\033[0m %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
@@ -103,12 +103,12 @@ export AWS_SECRET_ACCESS_KEY=$("${G[@]}" key info --secret-key bench-key)
 export AWS_REGION=garage AWS_DEFAULT_REGION=garage
 export S3_ENDPOINT_URL=http://127.0.0.1:$S3_PORT AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT
 unset AWS_PROFILE BUCKET S3_BUCKET
-"${G[@]}" bucket create $BUCKET >/dev/null
-"${G[@]}" bucket allow --read --write --owner $BUCKET --key bench-key >/dev/null
-for _ in $(seq 300); do aws s3 ls "s3://$BUCKET" >/dev/null 2>&1 && break; sleep 0.2; done
+"${G[@]}" bucket create $BENCH_BUCKET >/dev/null
+"${G[@]}" bucket allow --read --write --owner $BENCH_BUCKET --key bench-key >/dev/null
+for _ in $(seq 300); do aws s3 ls "s3://$BENCH_BUCKET" >/dev/null 2>&1 && break; sleep 0.2; done
 export INFRA_OPERATOR_HOME=$WORK/home
 mkdir -p "$INFRA_OPERATOR_HOME/images"
-B="s3://$BUCKET"
+B="s3://$BENCH_BUCKET"
 
 # ---------------------------------------------------------------------------------------------
 # Data.
@@ -121,7 +121,6 @@ TREE=$WORK/tree
 mkdir -p "$TREE"
 cp -a /usr/lib/gcc /usr/share/doc "$TREE/" 2>/dev/null || true
 for d in /usr/lib/python3 /usr/lib/python3.*; do [[ -d $d ]] && cp -a "$d" "$TREE/"; done
-cp -a /usr/bin "$TREE/bin"
 TREE_MB=$(du -sm "$TREE" | cut -f1)
 IMG=$INFRA_OPERATOR_HOME/images/rootfs-bench600.ext4
 mke2fs -q -t ext4 -F -d "$TREE" "$IMG" 600M
@@ -222,7 +221,7 @@ done
 # ---------------------------------------------------------------------------------------------
 # Report.
 log "writing $RESULTS"
-export COMPRESSED=$(aws s3api head-object --bucket $BUCKET --key rootfs-ours-1/rootfs-bench600.ext4.zst --query ContentLength --output text 2>/dev/null || echo "?")
+export COMPRESSED=$(aws s3api head-object --bucket $BENCH_BUCKET --key rootfs-ours-1/rootfs-bench600.ext4.zst --query ContentLength --output text 2>/dev/null || echo "?")
 export M_CPU=$(lscpu | sed -n 's/^Model name: *//p' | head -1) M_NPROC=$(nproc)
 export M_MEM=$(free -g | awk '/Mem:/ {print $2}') M_KERNEL=$(uname -r)
 export V_GARAGE=$("$GARAGE" --version | cut -d' ' -f2) V_OURS=$(cd "$REPO" && git rev-parse --short HEAD)

@@ -506,17 +506,19 @@ async fn upload(a: StoreUploadArgs, paths: &Paths) -> Result<()> {
     let mut done = Vec::new();
     for (path, key) in items {
         let compress = a.compress && !key.ends_with(".json");
+        let expected = artifacts::manifest_sha256(&path);
         let s = if compress {
             ctx.engine
                 .upload_compressed(
                     &path,
                     &format!("{key}{}", infra_store::ZST_SUFFIX),
                     &Default::default(),
+                    expected.as_deref(),
                 )
                 .await
         } else {
             ctx.engine
-                .upload_file(&path, &key, &Default::default())
+                .upload_file_expecting(&path, &key, &Default::default(), expected.as_deref())
                 .await
         }
         .with_context(|| format!("upload of {} stopped", path.display()))?;
@@ -957,6 +959,7 @@ pub fn exit_code(e: &infra_store::Error) -> i32 {
         E::NoSuchBucket { .. }
         | E::NoSuchKey { .. }
         | E::ChecksumMismatch { .. }
+        | E::SourceMismatch { .. }
         | E::Corrupt { .. } => crate::exit::BAD_INPUT,
         E::NoCredentials { .. }
         | E::BadCredentials { .. }

@@ -96,6 +96,21 @@ pub fn local_artifacts(paths: &Paths) -> Result<Vec<(PathBuf, String)>> {
     Ok(out)
 }
 
+/// The sha256 an image's manifest (`rootfs-{name}.json` beside it) records, when the manifest
+/// describes a file of the image's current size. Builds write it after hashing the image, so
+/// uploads can skip their own hashing pass (the upload still verifies it while sending).
+pub fn manifest_sha256(image: &Path) -> Option<String> {
+    if image.extension().and_then(|e| e.to_str()) != Some("ext4") {
+        return None;
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(Paths::manifest_for(image)).ok()?).ok()?;
+    let sha = v.get("sha256")?.as_str()?;
+    let size = v.get("size_bytes")?.as_u64()?;
+    let ok = sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit());
+    (ok && std::fs::metadata(image).ok()?.len() == size).then(|| sha.to_ascii_lowercase())
+}
+
 /// An image in the store (`rootfs list --remote`).
 #[derive(Debug, Clone, Serialize)]
 pub struct RemoteImage {
@@ -153,14 +168,25 @@ pub async fn upload_image(
             version: None,
         });
     }
+    let expected = manifest_sha256(&image);
     let mut out = Vec::new();
     out.push(if compress {
         engine
-            .upload_compressed(&image, &compressed_key(name), &Metadata::new())
+            .upload_compressed(
+                &image,
+                &compressed_key(name),
+                &Metadata::new(),
+                expected.as_deref(),
+            )
             .await?
     } else {
         engine
-            .upload_file(&image, &image_key(name), &Metadata::new())
+            .upload_file_expecting(
+                &image,
+                &image_key(name),
+                &Metadata::new(),
+                expected.as_deref(),
+            )
             .await?
     });
     let manifest = Paths::manifest_for(&image);

@@ -49,16 +49,24 @@ struct PartSink {
 
 impl Write for PartSink {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        while self.buf.len() >= self.part_size {
-            let rest = self.buf.split_off(self.part_size);
-            let part = std::mem::replace(&mut self.buf, rest);
-            self.sent += part.len() as u64;
-            self.tx
-                .blocking_send(Bytes::from(part))
-                .map_err(|_| std::io::Error::other("upload stopped"))?;
+        // Parts are filled to exactly `part_size` in buffers allocated once at that size, so
+        // memory is (parts in flight + 2) × part size.
+        let total = data.len();
+        let mut data = data;
+        while !data.is_empty() {
+            let room = self.part_size - self.buf.len();
+            let n = room.min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.buf.len() == self.part_size {
+                let part = std::mem::replace(&mut self.buf, Vec::with_capacity(self.part_size));
+                self.sent += part.len() as u64;
+                self.tx
+                    .blocking_send(Bytes::from(part))
+                    .map_err(|_| std::io::Error::other("upload stopped"))?;
+            }
         }
-        Ok(data.len())
+        Ok(total)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
@@ -103,8 +111,11 @@ fn compress_file(
     sink: PartSink,
     workers: u32,
     on_read: impl Fn(u64),
-) -> Result<u64> {
+) -> Result<(u64, String)> {
+    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice as A};
     let mut file = std::fs::File::open(path).ctx("open", path)?;
+    let _ = posix_fadvise(&file, 0, 0, A::POSIX_FADV_SEQUENTIAL);
+    let hasher = std::cell::RefCell::new(Sha256::new());
     let regions = data_regions(&file, size);
     let mut enc = zstd::stream::write::Encoder::new(sink, ZSTD_LEVEL).ctx("compress", path)?;
     enc.include_checksum(true).ctx("compress", path)?;
@@ -118,6 +129,7 @@ fn compress_file(
     let feed_zeros = |enc: &mut zstd::stream::write::Encoder<PartSink>, mut n: u64| {
         while n > 0 {
             let k = n.min(READ_BUF as u64) as usize;
+            hasher.borrow_mut().update(&zeros[..k]);
             enc.write_all(&zeros[..k])?;
             on_read(k as u64);
             n -= k as u64;
@@ -131,6 +143,7 @@ fn compress_file(
         while left > 0 {
             let k = left.min(READ_BUF as u64) as usize;
             file.read_exact(&mut buf[..k]).ctx("read", path)?;
+            hasher.borrow_mut().update(&buf[..k]);
             enc.write_all(&buf[..k]).ctx("compress", path)?;
             on_read(k as u64);
             left -= k as u64;
@@ -139,23 +152,32 @@ fn compress_file(
     }
     feed_zeros(&mut enc, size - pos).ctx("compress", path)?;
     let sink = enc.finish().ctx("compress", path)?;
-    sink.finish().ctx("compress", path)
+    let sent = sink.finish().ctx("compress", path)?;
+    Ok((sent, hex::encode(hasher.into_inner().finalize())))
 }
 
 impl Engine {
     /// Uploads `path` compressed with zstd as `key` (which should end in `.zst`).
+    ///
+    /// `expected_sha256` (from the image's manifest) saves the hashing pass: the content is
+    /// hashed while it is compressed and the upload is completed only if the two agree.
     pub async fn upload_compressed(
         &self,
         path: &Path,
         key: &str,
         extra: &Metadata,
+        expected_sha256: Option<&str>,
     ) -> Result<UploadSummary> {
         let t0 = Instant::now();
         let md = std::fs::metadata(path).ctx("stat", path)?;
         let size = md.len();
-        let sha = self.local_sha256(path).await?;
+        let claimed = match (self.hashes().sha256(path, &md), expected_sha256) {
+            (Some(s), _) => s,
+            (None, Some(e)) => e.to_ascii_lowercase(),
+            (None, None) => self.local_sha256(path).await?,
+        };
         let mut meta = extra.clone();
-        meta.insert(META_UNCOMPRESSED_SHA256.into(), sha.clone());
+        meta.insert(META_UNCOMPRESSED_SHA256.into(), claimed.clone());
         meta.insert(META_UNCOMPRESSED_SIZE.into(), size.to_string());
         let part_size = compressed_part_size(size);
         let in_flight = self.options().concurrency.clamp(1, 3);
@@ -178,26 +200,46 @@ impl Engine {
             .map(|n| n.get() as u32)
             .unwrap_or(1)
             .min(4);
-        let producer = tokio::task::spawn_blocking(move || {
+        let mut producer = Some(tokio::task::spawn_blocking(move || {
             compress_file(&p, size, sink, workers, |n| progress.advance(&pid, n))
-        });
+        }));
+        // Waits for the compressor; its sha256 must be the one announced in the metadata.
+        let finish_producer = |producer: tokio::task::JoinHandle<Result<(u64, String)>>| async {
+            let (sent, actual) = producer
+                .await
+                .map_err(|e| Error::io("compress", path, std::io::Error::other(e)))??;
+            if actual != claimed {
+                return Err(Error::SourceMismatch {
+                    path: path.to_path_buf(),
+                    expected: claimed.clone(),
+                    actual,
+                });
+            }
+            Ok(sent)
+        };
 
-        let result: Result<(crate::object::PutResult, usize)> = async {
+        let result: Result<(crate::object::PutResult, usize, u64)> = async {
             let first = rx.recv().await;
             let second = rx.recv().await;
             let (first, second) = match (first, second) {
                 (Some(f), None) => {
-                    // Fits in one request.
+                    // Fits in one request; the compressor is done.
+                    let sent = finish_producer(producer.take().expect("producer")).await?;
                     let r = self.store().put(key, Body::Bytes(f), &meta).await?;
-                    return Ok((r, 1));
+                    return Ok((r, 1, sent));
                 }
                 (Some(f), Some(s)) => (f, s),
                 (None, _) => {
-                    return Err(Error::io(
-                        "compress",
-                        path,
-                        std::io::Error::other("the compressor stopped"),
-                    ))
+                    return Err(finish_producer(producer.take().expect("producer"))
+                        .await
+                        .err()
+                        .unwrap_or_else(|| {
+                            Error::io(
+                                "compress",
+                                path,
+                                std::io::Error::other("the compressor stopped"),
+                            )
+                        }))
                 }
             };
             let upload_id = self.store().create_multipart(key, &meta).await?;
@@ -206,7 +248,7 @@ impl Engine {
             let mut pending = vec![first, second].into_iter();
             let mut number = 0i32;
             let mut input_done = false;
-            let r: Result<()> = async {
+            let r: Result<u64> = async {
                 loop {
                     while set.len() < in_flight && !input_done {
                         let next = match pending.next() {
@@ -227,44 +269,49 @@ impl Engine {
                         );
                     }
                     match set.join_next().await {
-                        None => break Ok(()),
+                        None => break,
                         Some(Ok(Ok(p))) => parts.push(p),
-                        Some(Ok(Err(e))) => break Err(e),
+                        Some(Ok(Err(e))) => return Err(e),
                         Some(Err(e)) => {
-                            break Err(Error::io("upload", path, std::io::Error::other(e)))
+                            return Err(Error::io("upload", path, std::io::Error::other(e)))
                         }
                     }
                 }
+                finish_producer(producer.take().expect("producer")).await
             }
             .await;
-            if let Err(e) = r {
-                set.abort_all();
-                let _ = self.store().abort_multipart(key, &upload_id).await;
-                return Err(e);
-            }
+            let sent = match r {
+                Ok(sent) => sent,
+                Err(e) => {
+                    set.abort_all();
+                    let _ = self.store().abort_multipart(key, &upload_id).await;
+                    return Err(e);
+                }
+            };
             parts.sort_by_key(|p| p.number);
             let n = parts.len();
             let r = self
                 .store()
                 .complete_multipart(key, &upload_id, &parts)
                 .await?;
-            Ok((r, n))
+            Ok((r, n, sent))
         }
         .await;
         drop(rx);
-        let produced = producer
-            .await
-            .map_err(|e| Error::io("compress", path, std::io::Error::other(e)))?;
+        if let Some(p) = producer {
+            let _ = p.await;
+        }
         self.progress().finish(&id);
-        let (r, parts) = result?;
-        let sent = produced?;
+        let (r, parts, sent) = result?;
+        self.hashes().record_sha256(path, &md, &claimed);
+        self.hashes().save();
         Ok(UploadSummary {
             path: path.to_path_buf(),
             url,
             key: key.to_string(),
             size,
             bytes_sent: sent,
-            sha256: sha,
+            sha256: claimed,
             etag: r.etag,
             version_id: r.version_id,
             parts,

@@ -171,6 +171,23 @@ pub enum Error {
         path: Option<PathBuf>,
     },
 
+    /// A local file does not have the sha256 its manifest (or the hash cache) claims: it changed
+    /// after the manifest was written. Nothing was stored.
+    #[error(
+        "{} does not match its recorded sha256 (expected {expected}, read {actual}): it changed \
+         after its manifest was written; rebuild the image or remove the stale manifest, then \
+         upload again (nothing was stored)",
+        path.display()
+    )]
+    SourceMismatch {
+        /// Local file.
+        path: PathBuf,
+        /// Recorded sha256.
+        expected: String,
+        /// sha256 of what was read.
+        actual: String,
+    },
+
     /// The object changed on the server while it was being downloaded.
     #[error("{target} changed in the store during the transfer: run the command again")]
     Changed {

@@ -281,6 +281,19 @@ impl Engine {
         key: &str,
         extra: &Metadata,
     ) -> Result<UploadSummary> {
+        self.upload_file_expecting(path, key, extra, None).await
+    }
+
+    /// Like [`Engine::upload_file`], with the sha256 the file is expected to have (from its
+    /// manifest). That saves the hashing pass before the upload: the file is hashed while its
+    /// parts are sent, and the upload is completed only if the two agree.
+    pub async fn upload_file_expecting(
+        &self,
+        path: &Path,
+        key: &str,
+        extra: &Metadata,
+        expected_sha256: Option<&str>,
+    ) -> Result<UploadSummary> {
         let t0 = Instant::now();
         let md = std::fs::metadata(path).ctx("stat", path)?;
         if !md.is_file() {
@@ -291,7 +304,13 @@ impl Engine {
             });
         }
         let size = md.len();
-        let sha = self.local_sha256(path).await?;
+        let (sha, verify_while_sending) = match (self.hashes.sha256(path, &md), expected_sha256) {
+            (Some(s), _) => (s, false),
+            (None, Some(e)) if size > self.opts.multipart_threshold => {
+                (e.to_ascii_lowercase(), true)
+            }
+            _ => (self.local_sha256(path).await?, false),
+        };
         let mut meta = extra.clone();
         meta.insert(META_SHA256.into(), sha.clone());
         let url = self.store.url_of(key);
@@ -410,6 +429,10 @@ impl Engine {
         self.progress.start(&id, &label, Some(size));
         self.progress.advance(&id, already);
 
+        let verifier = verify_while_sending.then(|| {
+            let p = path.to_path_buf();
+            tokio::task::spawn_blocking(move || sha256_file(&p, |_| {}))
+        });
         let mut parts = have;
         let mut set: JoinSet<Result<PartInfo>> = JoinSet::new();
         let mut queue = todo.into_iter();
@@ -446,7 +469,28 @@ impl Engine {
         set.abort_all();
         if let Err(e) = result {
             self.progress.finish(&id);
+            if let Some(v) = verifier {
+                v.abort();
+            }
             return Err(e);
+        }
+        if let Some(v) = verifier {
+            let actual = v
+                .await
+                .map_err(|e| Error::io("read", path, std::io::Error::other(e)))??;
+            if actual != sha {
+                self.progress.finish(&id);
+                let _ = self.store.abort_multipart(key, &upload_id).await;
+                if let Some(sp) = &state_path {
+                    let _ = std::fs::remove_file(sp);
+                }
+                return Err(Error::SourceMismatch {
+                    path: path.to_path_buf(),
+                    expected: sha,
+                    actual,
+                });
+            }
+            self.hashes.record_sha256(path, &md, &actual);
         }
         // The file must not have changed while it was being sent.
         let md_after = std::fs::metadata(path).ctx("stat", path)?;

@@ -58,6 +58,13 @@ async fn checksum_mismatch_keeps_old_file() {
 }
 
 #[tokio::test]
+async fn manifest_sha_is_verified() {
+    let (_g, s) = garage_store("manifests", "").await;
+    let d = tempfile::tempdir().unwrap();
+    scenarios::manifest_sha_is_verified(s, d.path()).await;
+}
+
+#[tokio::test]
 async fn sync_include_exclude_delete_dry_run() {
     let g = Garage::start().await;
     g.create_bucket("sync-src").await;

@@ -53,3 +53,9 @@ async fn sync_both_ways() {
     let other = Arc::new(LocalStore::new(d.path().join("backup"), "prod"));
     scenarios::sync_both_ways(store(d.path(), "prod"), other, d.path()).await;
 }
+
+#[tokio::test]
+async fn manifest_sha_is_verified() {
+    let d = tempfile::tempdir().unwrap();
+    scenarios::manifest_sha_is_verified(store(d.path(), ""), d.path()).await;
+}

@@ -57,7 +57,7 @@ pub async fn round_trip_sparse(store: Arc<dyn ObjectStore>, dir: &Path, size: u6
     assert!(!tmp.exists() && !state.exists());
 
     let upz = e
-        .upload_compressed(&img, "rootfs-big.ext4.zst", &Metadata::new())
+        .upload_compressed(&img, "rootfs-big.ext4.zst", &Metadata::new(), None)
         .await
         .unwrap();
     assert!(
@@ -428,4 +428,51 @@ pub async fn sync_both_ways(store: Arc<dyn ObjectStore>, other: Arc<dyn ObjectSt
         other.head("other.txt", None).await.is_ok(),
         "dry run deleted"
     );
+}
+
+/// An image's manifest sha256 saves the hashing pass, and is checked while sending: a stale
+/// manifest stops the upload before anything is stored.
+pub async fn manifest_sha_is_verified(store: Arc<dyn ObjectStore>, dir: &Path) {
+    let paths = infra_config::Paths::under(dir.join("home"));
+    std::fs::create_dir_all(&paths.images).unwrap();
+    let img = paths.image("py");
+    sparse_image(&img, 48 * MIB, &[(0, (9 * MIB) as usize), (30 * MIB, 4096)]);
+    let size = 48 * MIB;
+    let manifest = infra_config::Paths::manifest_for(&img);
+    let write_manifest = |sha: &str| {
+        std::fs::write(
+            &manifest,
+            format!("{{\"name\":\"py\",\"sha256\":\"{sha}\",\"size_bytes\":{size}}}"),
+        )
+        .unwrap()
+    };
+    let e = engine(store.clone(), small_parts(&dir.join("state")));
+    write_manifest(&sha256(&img));
+    for compress in [false, true] {
+        let up = infra_store::artifacts::upload_image(&e, &paths, "py", compress)
+            .await
+            .unwrap();
+        assert_eq!(up[0].sha256, sha256(&img));
+    }
+    // Stale manifest: both forms refuse, nothing new is stored.
+    let wrong = hex_sha(b"stale");
+    write_manifest(&wrong);
+    let fresh = engine(store.clone(), small_parts(&dir.join("state2")));
+    for compress in [false, true] {
+        store.delete("rootfs-py.ext4").await.unwrap();
+        store.delete("rootfs-py.ext4.zst").await.unwrap();
+        let err = infra_store::artifacts::upload_image(&fresh, &paths, "py", compress)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::SourceMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("nothing was stored"), "{err}");
+        let keys: Vec<String> = store
+            .list("rootfs-py.ext4")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert!(keys.is_empty(), "{keys:?}");
+    }
 }
