@@ -180,7 +180,7 @@ impl Engine {
         meta.insert(META_UNCOMPRESSED_SHA256.into(), claimed.clone());
         meta.insert(META_UNCOMPRESSED_SIZE.into(), size.to_string());
         let part_size = compressed_part_size(size);
-        let in_flight = self.options().concurrency.clamp(1, 3);
+        let in_flight = self.options().concurrency.clamp(1, 2);
         let url = self.store().url_of(key);
         let id = format!("upz:{url}");
         self.progress()
