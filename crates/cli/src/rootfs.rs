@@ -35,11 +35,24 @@ pub enum RootfsCommand {
         alias = "ls",
         after_help = "Examples:
   infra.operator rootfs list
+  infra.operator rootfs list --remote
   infra.operator rootfs list --json"
     )]
     List(ListArgs),
     /// Boot an image and print its language version and disk usage.
     Verify(crate::run::VerifyArgs),
+    /// Upload an image (and its manifest) to the object store.
+    #[command(after_help = "Examples:
+  infra.operator rootfs upload --lang python
+  infra.operator rootfs upload --lang nodejs --bucket s3://my-bucket
+  infra.operator rootfs upload --lang python --compress     # rootfs-python.ext4.zst")]
+    Upload(crate::store::RootfsUploadArgs),
+    /// Download an image (and its manifest) from the object store.
+    #[command(after_help = "Examples:
+  infra.operator rootfs download --lang python
+  infra.operator rootfs download --lang nodejs --output /tmp/nodejs.ext4
+  infra.operator rootfs download --lang python --version-id VERSION")]
+    Download(crate::store::RootfsDownloadArgs),
 }
 
 /// Flags shared by the build commands.
@@ -119,12 +132,14 @@ pub struct CreateArgs {
 /// `rootfs list` flags.
 #[derive(Args, Debug)]
 pub struct ListArgs {
-    /// List images in the S3 bucket instead.
+    /// List images in the object store instead (see `store ls`).
     #[arg(short = 'r', long)]
     remote: bool,
     /// JSON output.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    store: crate::store::StoreArgs,
 }
 
 /// Runs a rootfs subcommand.
@@ -132,8 +147,13 @@ pub async fn run(cmd: RootfsCommand, paths: &Paths) -> Result<()> {
     match cmd {
         RootfsCommand::FromDocker(a) => from_docker(a, paths).await,
         RootfsCommand::Create(a) => create(a, paths).await,
+        RootfsCommand::List(a) if a.remote => {
+            crate::store::rootfs_list_remote(&a.store, a.json, paths).await
+        }
         RootfsCommand::List(a) => list(a, paths),
         RootfsCommand::Verify(a) => crate::run::verify(a, paths).await,
+        RootfsCommand::Upload(a) => crate::store::rootfs_upload(a, paths).await,
+        RootfsCommand::Download(a) => crate::store::rootfs_download(a, paths).await,
     }
 }
 
@@ -292,9 +312,6 @@ async fn build_and_report(req: BuildRequest, out: &OutputArgs, paths: &Paths) ->
 }
 
 fn list(a: ListArgs, paths: &Paths) -> Result<()> {
-    if a.remote {
-        bail!("rootfs list --remote needs the S3 artifact store, which this version does not include yet; local images are listed by `rootfs list`");
-    }
     let images = infra_image::list_local(&paths.images)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&images)?);

@@ -110,7 +110,10 @@ impl VmArgs {
             .context("cannot build the initramfs")?;
         let rootfs = match &self.rootfs {
             Some(r) => r.clone(),
-            None => prepare::ensure_image(paths, lang, &runner.options().agent, &progress).await?,
+            None => {
+                fetch_from_store(paths, &lang.key).await;
+                prepare::ensure_image(paths, lang, &runner.options().agent, &progress).await?
+            }
         };
         if !rootfs.exists() {
             bail!(
@@ -120,6 +123,29 @@ impl VmArgs {
             );
         }
         Ok((kernel, initramfs, rootfs))
+    }
+}
+
+/// A missing image is fetched from the configured object store first; when the store does
+/// not have it either (or none is reachable), it is built with debootstrap instead, and the
+/// store's reason is shown unless it was simply "not there".
+async fn fetch_from_store(paths: &Paths, name: &str) {
+    if paths.image(name).is_file() {
+        return;
+    }
+    if let Err(e) = crate::store::ensure_local_image(name, paths).await {
+        let not_there = e.chain().any(|c| {
+            matches!(
+                c.downcast_ref::<infra_store::Error>(),
+                Some(
+                    infra_store::Error::NoSuchKey { .. } | infra_store::Error::NoSuchBucket { .. }
+                )
+            )
+        });
+        if !not_there {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("note: {}; building it instead", chain.join(": "));
+        }
     }
 }
 

@@ -359,3 +359,41 @@ fn bad_requests_fail_before_booting() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("empty"), "{}", text(&o.stderr));
 }
+
+#[test]
+fn missing_image_is_fetched_from_the_store_before_building() {
+    let _g = vm_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let bucket = store.to_str().unwrap();
+    // Publish the image from the shared home to a local-directory store.
+    let o = cli(&["rootfs", "upload", "--lang", "python", "--bucket", bucket])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    // A second host (a fresh home) runs python: the image comes from the store, no build.
+    let home2 = tmp.path().join("home2");
+    let o = Command::new(BIN)
+        .env("INFRA_OPERATOR_HOME", &home2)
+        .env("BUCKET", bucket)
+        .args(["run", "-l", "python", "-c", "print(6*7)", "--accel", "tcg"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(text(&o.stdout), "42\n");
+    assert!(
+        !err.contains("debootstrap"),
+        "built instead of fetched: {err}"
+    );
+    assert!(err.contains("download:"), "{err}");
+    assert!(
+        home2.join("images/rootfs-python.json").is_file(),
+        "the manifest came along"
+    );
+    let run_dir = home2.join("run");
+    let left = std::fs::read_dir(&run_dir).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "VM directories left in {}", run_dir.display());
+}

@@ -1,0 +1,1010 @@
+//! The transfer engine: multipart uploads, ranged parallel downloads, sha256 end to end,
+//! atomic publication and resume.
+//!
+//! - **Uploads** hash the file first (the sha256 goes into the object's metadata, which S3 only
+//!   accepts when the upload starts), then send parts streamed from disk: memory stays at a few
+//!   buffers whatever the size. A multipart upload's id is kept in a small state file; when the
+//!   same file is uploaded again after an interruption, the parts the store already has
+//!   (ListParts) are skipped.
+//! - **Downloads** go to `.{name}.part` beside the target, chunk by chunk with ranged GETs in
+//!   parallel (`If-Match` on the ETag so a changed object is never mixed), zero blocks are not
+//!   written (the file stays sparse), the sha256 is computed in order while chunks arrive and
+//!   compared with the metadata, then fsync and rename. A `.{name}.part.json` records finished
+//!   chunks, so an interrupted download resumes. On a mismatch the old file stays untouched.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::task::JoinSet;
+
+use crate::error::{Error, IoContext, Result};
+use crate::hashes::{sha256_file, HashCache};
+use crate::object::{Body, GetOptions, Metadata, ObjectInfo, ObjectStore, PartInfo, META_SHA256};
+use crate::progress::Progress;
+
+const MIB: u64 = 1024 * 1024;
+/// S3's limits.
+pub const MAX_PARTS: u64 = 10_000;
+/// Smallest part S3 accepts (except the last).
+pub const MIN_PART: u64 = 5 * MIB;
+/// Largest part S3 accepts.
+pub const MAX_PART: u64 = 5 * 1024 * MIB;
+/// Default part size when the object is small enough.
+pub const DEFAULT_PART: u64 = 16 * MIB;
+/// Default number of parts or chunks in flight.
+pub const DEFAULT_CONCURRENCY: usize = 8;
+const BLOCK: usize = 4096;
+const WRITE_BUF: usize = 64 * 1024;
+
+/// Knobs of the engine.
+#[derive(Debug, Clone)]
+pub struct TransferOptions {
+    /// Part size for uploads and chunk size for downloads; `None` = automatic.
+    pub part_size: Option<u64>,
+    /// Parts (or chunks) in flight.
+    pub concurrency: usize,
+    /// Objects up to this size are sent in one PUT.
+    pub multipart_threshold: u64,
+    /// Where multipart upload ids are remembered for resuming (`None`: no resume).
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Default for TransferOptions {
+    fn default() -> Self {
+        Self {
+            part_size: None,
+            concurrency: DEFAULT_CONCURRENCY,
+            multipart_threshold: DEFAULT_PART,
+            state_dir: None,
+        }
+    }
+}
+
+/// Part size for an object of `size` bytes: 16 MiB, or larger (in MiB steps) so that the
+/// object fits in 10 000 parts (a 5 TiB object gets ~525 MiB parts).
+pub fn auto_part_size(size: u64) -> u64 {
+    let needed = size.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB;
+    needed.max(DEFAULT_PART)
+}
+
+/// Validates a requested part size for an object of `size` bytes.
+pub fn choose_part_size(size: u64, requested: Option<u64>) -> Result<u64> {
+    let Some(ps) = requested else {
+        return Ok(auto_part_size(size));
+    };
+    if !(MIN_PART..=MAX_PART).contains(&ps) {
+        return Err(Error::Invalid {
+            what: "part size",
+            value: ps.to_string(),
+            reason: "S3 accepts parts from 5 MiB to 5 GiB".into(),
+        });
+    }
+    if size.div_ceil(ps) > MAX_PARTS {
+        return Err(Error::Invalid {
+            what: "part size",
+            value: ps.to_string(),
+            reason: format!(
+                "a {size}-byte object would need more than 10000 parts; use at least {} bytes \
+                 or leave the part size automatic",
+                auto_part_size(size)
+            ),
+        });
+    }
+    Ok(ps)
+}
+
+/// What an upload did.
+#[derive(Debug, Clone, Serialize)]
+pub struct UploadSummary {
+    /// Local file.
+    pub path: PathBuf,
+    /// Destination (`s3://bucket/key`).
+    pub url: String,
+    /// Key.
+    pub key: String,
+    /// Bytes of the file.
+    pub size: u64,
+    /// Bytes sent now (less than the size when compressed or resumed).
+    pub bytes_sent: u64,
+    /// sha256 of the content (the uncompressed content for `--compress`).
+    pub sha256: String,
+    /// ETag of the new object.
+    pub etag: Option<String>,
+    /// Version id, when versioned.
+    pub version_id: Option<String>,
+    /// Parts (1 for a single PUT).
+    pub parts: usize,
+    /// Parts that were already in the store from an interrupted upload.
+    pub resumed_parts: usize,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+/// What a download did.
+#[derive(Debug, Clone, Serialize)]
+pub struct DownloadSummary {
+    /// Source (`s3://bucket/key`).
+    pub url: String,
+    /// Key.
+    pub key: String,
+    /// Local file written.
+    pub path: PathBuf,
+    /// Bytes of the object (of the uncompressed content for `.zst`).
+    pub size: u64,
+    /// Bytes received now.
+    pub bytes_received: u64,
+    /// sha256 of what was written.
+    pub sha256: String,
+    /// True when it was compared with the sha256 in the object's metadata.
+    pub verified: bool,
+    /// Version downloaded.
+    pub version_id: Option<String>,
+    /// Chunks already present from an interrupted download.
+    pub resumed_chunks: usize,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+/// Moves bytes between local files and one store.
+#[derive(Clone)]
+pub struct Engine {
+    store: Arc<dyn ObjectStore>,
+    opts: TransferOptions,
+    progress: Arc<dyn Progress>,
+    hashes: Arc<HashCache>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("store", &self.store.describe())
+            .field("opts", &self.opts)
+            .finish()
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct UploadState {
+    url: String,
+    upload_id: String,
+    size: u64,
+    mtime_ns: i64,
+    sha256: String,
+    part_size: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct DownloadState {
+    url: String,
+    etag: Option<String>,
+    version_id: Option<String>,
+    size: u64,
+    chunk_size: u64,
+    done: BTreeSet<u64>,
+}
+
+fn mtime_ns(md: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    md.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(md.mtime_nsec())
+}
+
+/// `.{name}.part` and `.{name}.part.json` beside `dest`.
+pub fn partial_paths(dest: &Path) -> (PathBuf, PathBuf) {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "download".into());
+    (
+        dir.join(format!(".{name}.part")),
+        dir.join(format!(".{name}.part.json")),
+    )
+}
+
+impl Engine {
+    /// An engine over `store`.
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        opts: TransferOptions,
+        progress: Arc<dyn Progress>,
+        hashes: Arc<HashCache>,
+    ) -> Self {
+        Self {
+            store,
+            opts,
+            progress,
+            hashes,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The options.
+    pub fn options(&self) -> &TransferOptions {
+        &self.opts
+    }
+
+    /// The progress sink.
+    pub fn progress(&self) -> &Arc<dyn Progress> {
+        &self.progress
+    }
+
+    /// The hash cache.
+    pub fn hashes(&self) -> &Arc<HashCache> {
+        &self.hashes
+    }
+
+    /// sha256 of a local file, from the cache or by reading it (with a progress bar).
+    pub async fn local_sha256(&self, path: &Path) -> Result<String> {
+        let md = std::fs::metadata(path).ctx("stat", path)?;
+        if let Some(s) = self.hashes.sha256(path, &md) {
+            return Ok(s);
+        }
+        let id = format!("sha256:{}", path.display());
+        let label = format!(
+            "sha256 {}",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        );
+        self.progress.start(&id, &label, Some(md.len()));
+        let p = path.to_path_buf();
+        let progress = self.progress.clone();
+        let id2 = id.clone();
+        let r = tokio::task::spawn_blocking(move || sha256_file(&p, |n| progress.advance(&id2, n)))
+            .await
+            .map_err(|e| Error::io("read", path, std::io::Error::other(e)))?;
+        self.progress.finish(&id);
+        let sha = r?;
+        self.hashes.record_sha256(path, &md, &sha);
+        Ok(sha)
+    }
+
+    fn state_file(&self, kind: &str, url: &str) -> Option<PathBuf> {
+        let dir = self.opts.state_dir.as_ref()?;
+        let h = hex::encode(Sha256::digest(url.as_bytes()));
+        Some(dir.join(format!("{kind}-{}.json", &h[..32])))
+    }
+
+    /// Uploads `path` as `key`, with `extra` metadata besides the sha256.
+    pub async fn upload_file(
+        &self,
+        path: &Path,
+        key: &str,
+        extra: &Metadata,
+    ) -> Result<UploadSummary> {
+        self.upload_file_expecting(path, key, extra, None).await
+    }
+
+    /// Like [`Engine::upload_file`], with the sha256 the file is expected to have (from its
+    /// manifest). That saves the hashing pass before the upload: the file is hashed while its
+    /// parts are sent, and the upload is completed only if the two agree.
+    pub async fn upload_file_expecting(
+        &self,
+        path: &Path,
+        key: &str,
+        extra: &Metadata,
+        expected_sha256: Option<&str>,
+    ) -> Result<UploadSummary> {
+        let t0 = Instant::now();
+        let md = std::fs::metadata(path).ctx("stat", path)?;
+        if !md.is_file() {
+            return Err(Error::Invalid {
+                what: "upload source",
+                value: path.display().to_string(),
+                reason: "not a regular file".into(),
+            });
+        }
+        let size = md.len();
+        let (sha, verify_while_sending) = match (self.hashes.sha256(path, &md), expected_sha256) {
+            (Some(s), _) => (s, false),
+            (None, Some(e)) if size > self.opts.multipart_threshold => {
+                (e.to_ascii_lowercase(), true)
+            }
+            _ => (self.local_sha256(path).await?, false),
+        };
+        let mut meta = extra.clone();
+        meta.insert(META_SHA256.into(), sha.clone());
+        let url = self.store.url_of(key);
+        let id = format!("up:{url}");
+        let label = short_label("upload", key);
+
+        if size <= self.opts.multipart_threshold {
+            self.progress.start(&id, &label, Some(size));
+            let r = self
+                .store
+                .put(
+                    key,
+                    Body::File {
+                        path: path.to_path_buf(),
+                        offset: 0,
+                        len: size,
+                    },
+                    &meta,
+                )
+                .await;
+            self.progress.advance(&id, size);
+            self.progress.finish(&id);
+            let r = r?;
+            self.remember_etag(path, &md, r.etag.as_deref());
+            return Ok(UploadSummary {
+                path: path.to_path_buf(),
+                url,
+                key: key.to_string(),
+                size,
+                bytes_sent: size,
+                sha256: sha,
+                etag: r.etag,
+                version_id: r.version_id,
+                parts: 1,
+                resumed_parts: 0,
+                seconds: t0.elapsed().as_secs_f64(),
+            });
+        }
+
+        let part_size = choose_part_size(size, self.opts.part_size)?;
+        let n_parts = size.div_ceil(part_size);
+        let state_path = self.state_file("upload", &url);
+        let wanted = UploadState {
+            url: url.clone(),
+            upload_id: String::new(),
+            size,
+            mtime_ns: mtime_ns(&md),
+            sha256: sha.clone(),
+            part_size,
+        };
+        // Resume: same destination, same file content, same part size.
+        let mut upload_id = None;
+        let mut have: Vec<PartInfo> = Vec::new();
+        if let Some(sp) = &state_path {
+            if let Some(old) = std::fs::read(sp)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<UploadState>(&b).ok())
+            {
+                let same = UploadState {
+                    upload_id: old.upload_id.clone(),
+                    ..wanted_clone(&wanted)
+                } == old;
+                if same {
+                    match self.store.list_parts(key, &old.upload_id).await {
+                        Ok(parts) => {
+                            have = parts
+                                .into_iter()
+                                .filter(|p| {
+                                    p.number >= 1
+                                        && (p.number as u64) <= n_parts
+                                        && p.size == part_len(size, part_size, p.number as u64)
+                                })
+                                .collect();
+                            upload_id = Some(old.upload_id);
+                        }
+                        Err(Error::NoSuchKey { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                } else {
+                    let _ = self.store.abort_multipart(key, &old.upload_id).await;
+                }
+            }
+        }
+        let upload_id = match upload_id {
+            Some(u) => {
+                self.progress.note(&format!(
+                    "resuming upload of {key}: {} of {n_parts} parts already in the store",
+                    have.len()
+                ));
+                u
+            }
+            None => {
+                let u = self.store.create_multipart(key, &meta).await?;
+                if let Some(sp) = &state_path {
+                    let st = UploadState {
+                        upload_id: u.clone(),
+                        ..wanted_clone(&wanted)
+                    };
+                    if let Some(dir) = sp.parent() {
+                        let _ = std::fs::create_dir_all(dir);
+                    }
+                    let _ = infra_config::write_atomic(
+                        sp,
+                        &serde_json::to_vec(&st).unwrap_or_default(),
+                    );
+                }
+                u
+            }
+        };
+        let resumed_parts = have.len();
+        let done_numbers: BTreeSet<i32> = have.iter().map(|p| p.number).collect();
+        let todo: Vec<u64> = (1..=n_parts)
+            .filter(|n| !done_numbers.contains(&(*n as i32)))
+            .collect();
+        let already: u64 = have.iter().map(|p| p.size).sum();
+        self.progress.start(&id, &label, Some(size));
+        self.progress.advance(&id, already);
+
+        let verifier = verify_while_sending.then(|| {
+            let p = path.to_path_buf();
+            tokio::task::spawn_blocking(move || sha256_file(&p, |_| {}))
+        });
+        let mut parts = have;
+        let mut set: JoinSet<Result<PartInfo>> = JoinSet::new();
+        let mut queue = todo.into_iter();
+        let mut sent = 0u64;
+        let result: Result<()> = async {
+            loop {
+                while set.len() < self.opts.concurrency.max(1) {
+                    let Some(n) = queue.next() else { break };
+                    let store = self.store.clone();
+                    let key = key.to_string();
+                    let uid = upload_id.clone();
+                    let body = Body::File {
+                        path: path.to_path_buf(),
+                        offset: (n - 1) * part_size,
+                        len: part_len(size, part_size, n),
+                    };
+                    set.spawn(async move { store.upload_part(&key, &uid, n as i32, body).await });
+                }
+                match set.join_next().await {
+                    None => break Ok(()),
+                    Some(Ok(Ok(p))) => {
+                        self.progress.advance(&id, p.size);
+                        sent += p.size;
+                        parts.push(p);
+                    }
+                    Some(Ok(Err(e))) => break Err(e),
+                    Some(Err(e)) => {
+                        break Err(Error::io("upload", path, std::io::Error::other(e)));
+                    }
+                }
+            }
+        }
+        .await;
+        set.abort_all();
+        if let Err(e) = result {
+            self.progress.finish(&id);
+            if let Some(v) = verifier {
+                v.abort();
+            }
+            return Err(e);
+        }
+        if let Some(v) = verifier {
+            let actual = v
+                .await
+                .map_err(|e| Error::io("read", path, std::io::Error::other(e)))??;
+            if actual != sha {
+                self.progress.finish(&id);
+                let _ = self.store.abort_multipart(key, &upload_id).await;
+                if let Some(sp) = &state_path {
+                    let _ = std::fs::remove_file(sp);
+                }
+                return Err(Error::SourceMismatch {
+                    path: path.to_path_buf(),
+                    expected: sha,
+                    actual,
+                });
+            }
+            self.hashes.record_sha256(path, &md, &actual);
+        }
+        // The file must not have changed while it was being sent.
+        let md_after = std::fs::metadata(path).ctx("stat", path)?;
+        if md_after.len() != size || mtime_ns(&md_after) != mtime_ns(&md) {
+            self.progress.finish(&id);
+            let _ = self.store.abort_multipart(key, &upload_id).await;
+            if let Some(sp) = &state_path {
+                let _ = std::fs::remove_file(sp);
+            }
+            return Err(Error::io(
+                "upload",
+                path,
+                std::io::Error::other("the file changed while it was uploaded; run again"),
+            ));
+        }
+        parts.sort_by_key(|p| p.number);
+        let r = self.store.complete_multipart(key, &upload_id, &parts).await;
+        self.progress.finish(&id);
+        let r = r?;
+        if let Some(sp) = &state_path {
+            let _ = std::fs::remove_file(sp);
+        }
+        self.remember_etag(path, &md, r.etag.as_deref());
+        Ok(UploadSummary {
+            path: path.to_path_buf(),
+            url,
+            key: key.to_string(),
+            size,
+            bytes_sent: sent,
+            sha256: sha,
+            etag: r.etag,
+            version_id: r.version_id,
+            parts: n_parts as usize,
+            resumed_parts,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn remember_etag(&self, path: &Path, md: &std::fs::Metadata, etag: Option<&str>) {
+        if let Some(e) = etag {
+            self.hashes.record_etag(path, md, e);
+        }
+        self.hashes.save();
+    }
+
+    /// Downloads `key` (or one version of it) to `dest`.
+    pub async fn download_file(
+        &self,
+        key: &str,
+        dest: &Path,
+        version_id: Option<&str>,
+    ) -> Result<DownloadSummary> {
+        let info = self.store.head(key, version_id).await?;
+        let mut resumed = false;
+        match self
+            .download_with_info(&info, dest, version_id, true, &mut resumed)
+            .await
+        {
+            Err(Error::ChecksumMismatch { .. }) if resumed => {
+                // The mismatch may come from stale chunks of an earlier attempt: start over once.
+                self.progress.note(&format!(
+                    "checksum mismatch after resuming {key}: downloading it again from the start"
+                ));
+                self.download_with_info(&info, dest, version_id, false, &mut resumed)
+                    .await
+            }
+            r => r,
+        }
+    }
+
+    async fn download_with_info(
+        &self,
+        info: &ObjectInfo,
+        dest: &Path,
+        version_id: Option<&str>,
+        allow_resume: bool,
+        resumed_out: &mut bool,
+    ) -> Result<DownloadSummary> {
+        let t0 = Instant::now();
+        let key = info.key.as_str();
+        let url = self.store.url_of(key);
+        let size = info.size;
+        let dir = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        std::fs::create_dir_all(&dir).ctx("create", &dir)?;
+        let (tmp, state_path) = partial_paths(dest);
+        let chunk = self
+            .opts
+            .part_size
+            .unwrap_or(DEFAULT_PART)
+            .clamp(MIB, 1024 * MIB);
+        let chunk = chunk.div_ceil(BLOCK as u64) * BLOCK as u64;
+        let n_chunks = size.div_ceil(chunk);
+        let mut state = DownloadState {
+            url: url.clone(),
+            etag: info.etag.clone(),
+            version_id: info.version_id.clone(),
+            size,
+            chunk_size: chunk,
+            done: BTreeSet::new(),
+        };
+        // Resume when the partial file belongs to the same object version and content.
+        let mut resumed = false;
+        if allow_resume {
+            if let Some(old) = std::fs::read(&state_path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<DownloadState>(&b).ok())
+            {
+                let same = old.url == state.url
+                    && old.etag == state.etag
+                    && old.etag.is_some()
+                    && old.size == size
+                    && old.chunk_size == chunk
+                    && std::fs::metadata(&tmp).map(|m| m.len()).ok() == Some(size);
+                if same && !old.done.is_empty() {
+                    state.done = old.done;
+                    resumed = true;
+                }
+            }
+        }
+        let file = if resumed {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&tmp)
+                .ctx("open", &tmp)?
+        } else {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .ctx("create", &tmp)?;
+            f.set_len(size).ctx("allocate", &tmp)?;
+            f
+        };
+        if resumed {
+            self.progress.note(&format!(
+                "resuming download of {key}: {} of {n_chunks} chunks already here",
+                state.done.len()
+            ));
+            *resumed_out = true;
+            // Chunks not finished may hold partial data: make them holes again, since zero
+            // blocks are skipped when writing.
+            for i in (0..n_chunks).filter(|i| !state.done.contains(i)) {
+                let (off, len) = (i * chunk, chunk.min(size - i * chunk));
+                punch_hole(&file, off, len);
+            }
+        }
+        let file = Arc::new(file);
+        let resumed_chunks = state.done.len();
+
+        // The hasher reads finished chunks in order (from the page cache) while others arrive.
+        let (htx, hrx) = std::sync::mpsc::channel::<u64>();
+        let hfile = file.clone();
+        let htmp = tmp.clone();
+        let hasher =
+            tokio::task::spawn_blocking(move || hash_in_order(&hfile, &htmp, size, chunk, hrx));
+        for i in &state.done {
+            let _ = htx.send(*i);
+        }
+
+        let id = format!("down:{url}:{}", dest.display());
+        self.progress
+            .start(&id, &short_label("download", key), Some(size));
+        let already: u64 = state.done.iter().map(|i| chunk.min(size - i * chunk)).sum();
+        self.progress.advance(&id, already);
+
+        let progress = self.progress.clone();
+        let mut set: JoinSet<Result<u64>> = JoinSet::new();
+        let todo: Vec<u64> = (0..n_chunks).filter(|i| !state.done.contains(i)).collect();
+        let mut queue = todo.into_iter();
+        let mut received = 0u64;
+        let mut since_save = 0usize;
+        let result: Result<()> = async {
+            loop {
+                while set.len() < self.opts.concurrency.max(1) {
+                    let Some(i) = queue.next() else { break };
+                    let store = self.store.clone();
+                    let key = key.to_string();
+                    let file = file.clone();
+                    let tmp = tmp.clone();
+                    let progress = progress.clone();
+                    let id = id.clone();
+                    let opts = GetOptions {
+                        range: Some(i * chunk..(i * chunk + chunk).min(size)),
+                        version_id: version_id.map(str::to_string),
+                        if_match: info.etag.clone(),
+                    };
+                    set.spawn(async move {
+                        fetch_chunk(&*store, &key, &opts, &file, &tmp, &*progress, &id).await?;
+                        Ok(i)
+                    });
+                }
+                match set.join_next().await {
+                    None => break Ok(()),
+                    Some(Ok(Ok(i))) => {
+                        let len = chunk.min(size - i * chunk);
+                        // Start writing this chunk to disk now, so the final fsync finds little
+                        // left to do.
+                        start_writeback(&file, i * chunk, len);
+                        received += len;
+                        state.done.insert(i);
+                        let _ = htx.send(i);
+                        since_save += 1;
+                        // Record progress for resuming (not fsynced: the final sha256 catches
+                        // anything a host crash lost, and then the download starts over).
+                        if since_save >= 4 || set.is_empty() {
+                            since_save = 0;
+                            let _ = write_state(
+                                &state_path,
+                                &serde_json::to_vec(&state).unwrap_or_default(),
+                            );
+                        }
+                    }
+                    Some(Ok(Err(e))) => break Err(e),
+                    Some(Err(e)) => break Err(Error::io("write", &tmp, std::io::Error::other(e))),
+                }
+            }
+        }
+        .await;
+        set.abort_all();
+        drop(htx);
+        if let Err(e) = result {
+            self.progress.finish(&id);
+            let _ = write_state(&state_path, &serde_json::to_vec(&state).unwrap_or_default());
+            if matches!(e, Error::Changed { .. } | Error::DiskFull { .. }) {
+                // A changed object cannot be resumed; a full disk needs the space back.
+                let _ = std::fs::remove_file(&tmp);
+                let _ = std::fs::remove_file(&state_path);
+            }
+            let _ = hasher.await;
+            return Err(e);
+        }
+        let actual = hasher
+            .await
+            .map_err(|e| Error::io("read", &tmp, std::io::Error::other(e)))??;
+        self.progress.finish(&id);
+        let expected = info.sha256().map(str::to_string);
+        if let Some(exp) = &expected {
+            if !exp.eq_ignore_ascii_case(&actual) {
+                let _ = std::fs::remove_file(&tmp);
+                let _ = std::fs::remove_file(&state_path);
+                return Err(Error::ChecksumMismatch {
+                    target: url,
+                    expected: exp.clone(),
+                    actual,
+                    path: dest.exists().then(|| dest.to_path_buf()),
+                });
+            }
+        }
+        file.sync_all().ctx("fsync", &tmp)?;
+        drop(file);
+        std::fs::rename(&tmp, dest).ctx("rename", dest)?;
+        infra_config::fsync_dir(&dir).ctx("fsync", &dir)?;
+        let _ = std::fs::remove_file(&state_path);
+        if let Ok(md) = std::fs::metadata(dest) {
+            self.hashes.record_sha256(dest, &md, &actual);
+            if let Some(e) = &info.etag {
+                self.hashes.record_etag(dest, &md, e);
+            }
+            self.hashes.save();
+        }
+        Ok(DownloadSummary {
+            url,
+            key: key.to_string(),
+            path: dest.to_path_buf(),
+            size,
+            bytes_received: received,
+            sha256: actual,
+            verified: expected.is_some(),
+            version_id: info.version_id.clone(),
+            resumed_chunks,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Replaces a small state file (temp + rename, no fsync: losing it only costs a restart).
+fn write_state(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn wanted_clone(w: &UploadState) -> UploadState {
+    UploadState {
+        url: w.url.clone(),
+        upload_id: w.upload_id.clone(),
+        size: w.size,
+        mtime_ns: w.mtime_ns,
+        sha256: w.sha256.clone(),
+        part_size: w.part_size,
+    }
+}
+
+fn part_len(size: u64, part_size: u64, n: u64) -> u64 {
+    let start = (n - 1) * part_size;
+    part_size.min(size - start)
+}
+
+pub(crate) fn short_label(verb: &str, key: &str) -> String {
+    let name = key.rsplit('/').next().unwrap_or(key);
+    format!("{verb} {name}")
+}
+
+/// Asks the kernel to start writing a range to disk (no waiting; errors ignored: the fsync
+/// before the rename is what counts).
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range only reads its integer arguments; the descriptor is valid for the
+    // lifetime of `file`.
+    unsafe {
+        nix::libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            nix::libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+fn punch_hole(file: &std::fs::File, offset: u64, len: u64) {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let r = fallocate(
+        file,
+        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        offset as i64,
+        len as i64,
+    );
+    if r.is_err() {
+        // No hole punching on this filesystem: write zeros instead.
+        let zeros = vec![0u8; WRITE_BUF];
+        let mut off = offset;
+        while off < offset + len {
+            let n = (offset + len - off).min(WRITE_BUF as u64) as usize;
+            let _ = file.write_all_at(&zeros[..n], off);
+            off += n as u64;
+        }
+    }
+}
+
+/// True when every byte is zero (vectorises well; no early exit on purpose).
+pub(crate) fn is_zero(b: &[u8]) -> bool {
+    b.iter().fold(0u8, |a, &x| a | x) == 0
+}
+
+/// Writes `data` at `offset`, skipping 4 KiB blocks (aligned to the file) that are all zero, so
+/// the file stays sparse where the object has zeros. The target range must already read as
+/// zeros (a fresh `set_len` or a punched hole).
+pub(crate) fn write_sparse(
+    file: &std::fs::File,
+    path: &Path,
+    offset: u64,
+    data: &[u8],
+) -> Result<()> {
+    let mut i = 0usize;
+    while i < data.len() {
+        // Block boundary relative to the file.
+        let pos = offset + i as u64;
+        let to_boundary = BLOCK - (pos % BLOCK as u64) as usize;
+        let end = (i + to_boundary).min(data.len());
+        if is_zero(&data[i..end]) {
+            i = end;
+            continue;
+        }
+        // Extend over following non-zero blocks to write one run.
+        let mut run_end = end;
+        while run_end < data.len() {
+            let next = (run_end + BLOCK).min(data.len());
+            if is_zero(&data[run_end..next]) {
+                break;
+            }
+            run_end = next;
+        }
+        file.write_all_at(&data[i..run_end], pos)
+            .map_err(|e| Error::io("write", path, e))?;
+        i = run_end;
+    }
+    Ok(())
+}
+
+async fn fetch_chunk(
+    store: &dyn ObjectStore,
+    key: &str,
+    opts: &GetOptions,
+    file: &std::fs::File,
+    path: &Path,
+    progress: &dyn Progress,
+    id: &str,
+) -> Result<()> {
+    use futures::StreamExt;
+    let range = opts.range.clone().unwrap_or(0..0);
+    let mut resp = store.get(key, opts).await?;
+    let mut pos = range.start;
+    let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUF);
+    let mut buf_start = pos;
+    while let Some(b) = resp.body.next().await {
+        let b = b?;
+        progress.advance(id, b.len() as u64);
+        pos += b.len() as u64;
+        if buf.is_empty() && b.len() >= WRITE_BUF {
+            write_sparse(file, path, buf_start, &b)?;
+            buf_start = pos;
+            continue;
+        }
+        buf.extend_from_slice(&b);
+        if buf.len() >= WRITE_BUF {
+            write_sparse(file, path, buf_start, &buf)?;
+            buf.clear();
+            buf_start = pos;
+        }
+    }
+    if !buf.is_empty() {
+        write_sparse(file, path, buf_start, &buf)?;
+    }
+    if pos != range.end {
+        return Err(Error::Corrupt {
+            target: store.url_of(key),
+            reason: format!(
+                "the server sent {} bytes for range {}-{}",
+                pos - range.start,
+                range.start,
+                range.end
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Hashes chunks in file order as they are reported finished.
+fn hash_in_order(
+    file: &std::fs::File,
+    path: &Path,
+    size: u64,
+    chunk: u64,
+    rx: std::sync::mpsc::Receiver<u64>,
+) -> Result<String> {
+    let n_chunks = size.div_ceil(chunk);
+    let mut h = Sha256::new();
+    let mut pending = BTreeSet::new();
+    let mut next = 0u64;
+    let mut buf = vec![0u8; 1024 * 1024];
+    while next < n_chunks {
+        let Ok(i) = rx.recv() else {
+            // Sender gone before all chunks arrived: the download failed.
+            return Ok(String::new());
+        };
+        pending.insert(i);
+        while pending.remove(&next) {
+            let start = next * chunk;
+            let end = (start + chunk).min(size);
+            let mut off = start;
+            while off < end {
+                let n = ((end - off) as usize).min(buf.len());
+                file.read_exact_at(&mut buf[..n], off)
+                    .map_err(|e| Error::io("read", path, e))?;
+                h.update(&buf[..n]);
+                off += n as u64;
+            }
+            next += 1;
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_sizes() {
+        assert_eq!(auto_part_size(1024), DEFAULT_PART);
+        assert_eq!(auto_part_size(6 * 1024 * 1024 * 1024), DEFAULT_PART);
+        // 5 TiB → parts ≤ 10000.
+        let five_tib = 5u64 << 40;
+        let ps = auto_part_size(five_tib);
+        assert!(five_tib.div_ceil(ps) <= MAX_PARTS);
+        assert_eq!(ps % MIB, 0);
+        // 200 GiB forces larger parts than 16 MiB.
+        let big = 200u64 << 30;
+        assert!(auto_part_size(big) > DEFAULT_PART);
+        assert!(big.div_ceil(auto_part_size(big)) <= MAX_PARTS);
+        assert!(choose_part_size(10, Some(MIB)).is_err());
+        assert!(choose_part_size(big, Some(5 * MIB)).is_err());
+        assert_eq!(choose_part_size(big, Some(64 * MIB)).unwrap(), 64 * MIB);
+    }
+
+    #[test]
+    fn sparse_writes_skip_zero_blocks() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let size = 64 * 1024 * 1024u64;
+        f.set_len(size).unwrap();
+        let mut data = vec![0u8; 8 * 1024 * 1024];
+        data[5000] = 1;
+        data[8 * 1024 * 1024 - 1] = 2;
+        write_sparse(&f, &p, 4096 * 3, &data).unwrap();
+        let md = std::fs::metadata(&p).unwrap();
+        assert!(md.blocks() * 512 < 1024 * 1024, "{} blocks", md.blocks());
+        let mut back = vec![0u8; data.len()];
+        f.read_exact_at(&mut back, 4096 * 3).unwrap();
+        assert_eq!(back, data);
+    }
+}

@@ -1,0 +1,478 @@
+//! Store scenarios written once and run against each backend (local store always, Garage in
+//! `garage.rs`).
+
+use std::path::Path;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use infra_store::glob::Filter;
+use infra_store::sync::{sync, ActionKind, SyncOptions, SyncSide};
+use infra_store::testing::{Faults, FaultyStore};
+use infra_store::{
+    etag_of_file, partial_paths, Body, Error, HashCache, Metadata, NoProgress, ObjectStore,
+    TransferOptions, META_SHA256,
+};
+
+use super::*;
+
+/// A sparse image with data scattered over it survives upload/download, plain and compressed,
+/// and comes back sparse.
+pub async fn round_trip_sparse(store: Arc<dyn ObjectStore>, dir: &Path, size: u64) {
+    let img = dir.join("rootfs-big.ext4");
+    let regions = [
+        (0, 64 * 1024),
+        (size / 3, (8 * MIB) as usize),
+        (size / 2 + 12345, (3 * MIB) as usize),
+        (size - 4096, 4096),
+    ];
+    sparse_image(&img, size, &regions);
+    let want = sha256(&img);
+    let e = engine(store.clone(), small_parts(&dir.join("state")));
+
+    let up = e
+        .upload_file(&img, "rootfs-big.ext4", &Metadata::new())
+        .await
+        .unwrap();
+    assert_eq!(up.size, size);
+    assert_eq!(up.sha256, want);
+    assert!(up.parts > 1);
+    let head = store.head("rootfs-big.ext4", None).await.unwrap();
+    assert_eq!(head.sha256(), Some(want.as_str()));
+    assert_eq!(head.size, size);
+
+    let out = dir.join("out/rootfs-big.ext4");
+    let down = e
+        .download_file("rootfs-big.ext4", &out, None)
+        .await
+        .unwrap();
+    assert!(down.verified);
+    assert_eq!(sha256(&out), want);
+    assert!(
+        allocated(&out) < 64 * MIB,
+        "download is not sparse: {} bytes allocated",
+        allocated(&out)
+    );
+    let (tmp, state) = partial_paths(&out);
+    assert!(!tmp.exists() && !state.exists());
+
+    let upz = e
+        .upload_compressed(&img, "rootfs-big.ext4.zst", &Metadata::new(), None)
+        .await
+        .unwrap();
+    assert!(
+        upz.bytes_sent < 20 * MIB,
+        "compressed form is {} bytes",
+        upz.bytes_sent
+    );
+    let outz = dir.join("outz/rootfs-big.ext4");
+    let downz = e
+        .download_compressed("rootfs-big.ext4.zst", &outz, None)
+        .await
+        .unwrap();
+    assert!(downz.verified);
+    assert_eq!(downz.size, size);
+    assert_eq!(sha256(&outz), want);
+    assert!(allocated(&outz) < 64 * MIB);
+}
+
+/// Multipart uploads get S3's ETag (md5 of part md5s, `-N`), which we can recompute locally.
+pub async fn multipart_etag(store: Arc<dyn ObjectStore>, dir: &Path) {
+    let f = dir.join("blob");
+    random_file(&f, (23 * MIB) as usize, 7);
+    let e = engine(store.clone(), small_parts(&dir.join("state")));
+    let up = e
+        .upload_file(&f, "dir/blob", &Metadata::new())
+        .await
+        .unwrap();
+    assert_eq!(up.parts, 5);
+    let etag = up.etag.clone().unwrap();
+    assert!(etag.ends_with("-5"), "{etag}");
+    assert_eq!(etag, etag_of_file(&f, 5 * MIB, true).unwrap());
+    let listed = store.list("dir/").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].etag.as_deref(), Some(etag.as_str()));
+    // Ranges.
+    let r = store
+        .get(
+            "dir/blob",
+            &infra_store::GetOptions {
+                range: Some(10..20),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    use futures::TryStreamExt;
+    let got: Vec<Bytes> = r.body.try_collect().await.unwrap();
+    assert_eq!(got.concat(), noise(7, 20)[10..20].to_vec());
+}
+
+/// An upload that fails part-way resumes with the parts already in the store.
+pub async fn resume_upload(store: Arc<dyn ObjectStore>, dir: &Path) {
+    let f = dir.join("resume-up");
+    random_file(&f, (31 * MIB) as usize, 11);
+    let state = dir.join("state");
+    let faults = Faults::none();
+    faults.fail_parts_after.store(3, SeqCst);
+    let faulty: Arc<dyn ObjectStore> = Arc::new(FaultyStore::new(store.clone(), faults.clone()));
+    let opts = TransferOptions {
+        concurrency: 1,
+        ..small_parts(&state)
+    };
+    let err = engine(faulty, opts.clone())
+        .upload_file(&f, "resume-up", &Metadata::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unreachable { .. }), "{err}");
+    assert!(matches!(
+        store.head("resume-up", None).await,
+        Err(Error::NoSuchKey { .. })
+    ));
+    let up = engine(store.clone(), opts)
+        .upload_file(&f, "resume-up", &Metadata::new())
+        .await
+        .unwrap();
+    assert_eq!(up.resumed_parts, 3, "{up:?}");
+    assert_eq!(up.bytes_sent, 31 * MIB - 15 * MIB);
+    let out = dir.join("resume-up.out");
+    engine(store, TransferOptions::default())
+        .download_file("resume-up", &out, None)
+        .await
+        .unwrap();
+    assert_eq!(sha256(&out), sha256(&f));
+}
+
+/// A download that fails part-way leaves no file under the final name and resumes.
+pub async fn resume_download(store: Arc<dyn ObjectStore>, dir: &Path) {
+    let f = dir.join("resume-down");
+    random_file(&f, (40 * MIB) as usize, 13);
+    let opts = TransferOptions {
+        concurrency: 1,
+        ..small_parts(&dir.join("state"))
+    };
+    engine(store.clone(), opts.clone())
+        .upload_file(&f, "resume-down", &Metadata::new())
+        .await
+        .unwrap();
+    let faults = Faults::none();
+    faults.fail_get_after_bytes.store(12 * MIB, SeqCst);
+    let faulty: Arc<dyn ObjectStore> = Arc::new(FaultyStore::new(store.clone(), faults));
+    let out = dir.join("dl/resume-down");
+    let err = engine(faulty, opts.clone())
+        .download_file("resume-down", &out, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unreachable { .. }), "{err}");
+    assert!(!out.exists(), "a partial download is under the final name");
+    let (tmp, state) = partial_paths(&out);
+    assert!(tmp.exists() && state.exists());
+    let d = engine(store, opts)
+        .download_file("resume-down", &out, None)
+        .await
+        .unwrap();
+    assert!(d.resumed_chunks >= 2, "{d:?}");
+    assert!(d.bytes_received <= 40 * MIB - 10 * MIB);
+    assert_eq!(sha256(&out), sha256(&f));
+    assert!(!tmp.exists() && !state.exists());
+}
+
+/// A checksum mismatch is an error and the old local file stays as it was.
+pub async fn checksum_mismatch_keeps_old(store: Arc<dyn ObjectStore>, dir: &Path) {
+    let mut meta = Metadata::new();
+    meta.insert(META_SHA256.into(), hex_sha(b"something else"));
+    store
+        .put(
+            "bad",
+            Body::Bytes(Bytes::from_static(b"new content")),
+            &meta,
+        )
+        .await
+        .unwrap();
+    let out = dir.join("keep/bad");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    std::fs::write(&out, b"old content").unwrap();
+    let e = engine(store.clone(), TransferOptions::default());
+    let err = e.download_file("bad", &out, None).await.unwrap_err();
+    match &err {
+        Error::ChecksumMismatch { path, .. } => assert_eq!(path.as_deref(), Some(out.as_path())),
+        other => panic!("expected a checksum mismatch, got {other}"),
+    }
+    assert!(err.to_string().contains("left as it was"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"old content");
+    let (tmp, state) = partial_paths(&out);
+    assert!(!tmp.exists() && !state.exists());
+
+    // Corruption in transit is caught the same way.
+    let good = dir.join("good");
+    random_file(&good, (7 * MIB) as usize, 3);
+    e.upload_file(&good, "good", &Metadata::new())
+        .await
+        .unwrap();
+    let faults = Faults::none();
+    faults.corrupt_gets.store(true, SeqCst);
+    let faulty: Arc<dyn ObjectStore> = Arc::new(FaultyStore::new(store, faults));
+    let out2 = dir.join("keep/good");
+    std::fs::write(&out2, b"previous").unwrap();
+    let err = engine(faulty, TransferOptions::default())
+        .download_file("good", &out2, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::ChecksumMismatch { .. }), "{err}");
+    assert_eq!(std::fs::read(&out2).unwrap(), b"previous");
+}
+
+/// Missing keys are a clear error.
+pub async fn missing_key(store: Arc<dyn ObjectStore>, dir: &Path) {
+    let e = engine(store.clone(), TransferOptions::default());
+    let err = e
+        .download_file("no/such/key", &dir.join("x"), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NoSuchKey { .. }), "{err}");
+    assert!(err.to_string().contains("store ls"), "{err}");
+    assert!(!dir.join("x").exists());
+}
+
+fn counted(store: &Arc<dyn ObjectStore>) -> (Arc<dyn ObjectStore>, Arc<Faults>) {
+    let f = Faults::none();
+    (Arc::new(FaultyStore::new(store.clone(), f.clone())), f)
+}
+
+/// Sync in both directions and between stores, with filters, `--delete` and `--dry-run`;
+/// unchanged objects cost one listing and nothing else.
+pub async fn sync_both_ways(store: Arc<dyn ObjectStore>, other: Arc<dyn ObjectStore>, dir: &Path) {
+    let src = dir.join("images");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    random_file(&src.join("rootfs-a.ext4"), (12 * MIB) as usize, 1);
+    random_file(&src.join("rootfs-b.ext4"), 100_000, 2);
+    std::fs::write(src.join("rootfs-a.json"), b"{}").unwrap();
+    std::fs::write(src.join("notes.txt"), b"notes").unwrap();
+    std::fs::write(src.join("sub/deep.bin"), b"deep").unwrap();
+    let hashes = Arc::new(HashCache::load(dir.join("hashes.json")));
+    let opts = small_parts(&dir.join("state"));
+    let filters = vec![
+        Filter::Exclude("*".into()),
+        Filter::Include("rootfs-*.ext4".into()),
+    ];
+    let local = SyncSide::Dir(src.clone());
+    let run = |src: SyncSide, dst: SyncSide, o: SyncOptions| {
+        let opts = opts.clone();
+        let hashes = hashes.clone();
+        async move {
+            sync(&src, &dst, &o, &opts, Arc::new(NoProgress), hashes)
+                .await
+                .unwrap()
+        }
+    };
+
+    // Dry run: a plan, no change.
+    let r = run(
+        local.clone(),
+        SyncSide::Store(store.clone()),
+        SyncOptions {
+            filters: filters.clone(),
+            dry_run: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(r.actions.len(), 2);
+    assert!(r.actions.iter().all(|a| a.kind == ActionKind::Upload));
+    assert_eq!(r.filtered_out, 3);
+    assert!(store.list("").await.unwrap().is_empty());
+
+    // Real run: only the images.
+    let r = run(
+        local.clone(),
+        SyncSide::Store(store.clone()),
+        SyncOptions {
+            filters: filters.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(r.actions.len(), 2);
+    let keys: Vec<String> = store
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(keys, ["rootfs-a.ext4", "rootfs-b.ext4"]);
+
+    // Unchanged: one listing, no HEAD, no GET, no write.
+    let (c, f) = counted(&store);
+    let r = run(
+        local.clone(),
+        SyncSide::Store(c),
+        SyncOptions {
+            filters: filters.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(r.actions.is_empty(), "{:?}", r.actions);
+    assert_eq!(r.unchanged, 2);
+    assert_eq!(f.list_calls.load(SeqCst), 1);
+    assert_eq!(f.head_calls.load(SeqCst), 0);
+    assert_eq!(f.get_calls.load(SeqCst), 0);
+    assert_eq!(f.write_calls.load(SeqCst), 0);
+
+    // Same size, other content: found without downloading, uploaded again.
+    random_file(&src.join("rootfs-b.ext4"), 100_000, 99);
+    let (c, f) = counted(&store);
+    let r = run(
+        local.clone(),
+        SyncSide::Store(c),
+        SyncOptions {
+            filters: filters.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(r.actions.len(), 1);
+    assert_eq!(r.actions[0].key, "rootfs-b.ext4");
+    assert_eq!(f.get_calls.load(SeqCst), 0);
+
+    // --delete removes what the source lost, within the filters only.
+    std::fs::remove_file(src.join("rootfs-b.ext4")).unwrap();
+    store
+        .put(
+            "other.txt",
+            Body::Bytes(Bytes::from_static(b"x")),
+            &Metadata::new(),
+        )
+        .await
+        .unwrap();
+    let r = run(
+        local.clone(),
+        SyncSide::Store(store.clone()),
+        SyncOptions {
+            filters: filters.clone(),
+            delete: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(r.actions.len(), 1);
+    assert_eq!(r.actions[0].kind, ActionKind::Delete);
+    let keys: Vec<String> = store
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(keys, ["other.txt", "rootfs-a.ext4"]);
+
+    // Store → directory, then unchanged.
+    let back = dir.join("back");
+    let r = run(
+        SyncSide::Store(store.clone()),
+        SyncSide::Dir(back.clone()),
+        SyncOptions::default(),
+    )
+    .await;
+    assert_eq!(r.actions.len(), 2);
+    assert_eq!(
+        sha256(&back.join("rootfs-a.ext4")),
+        sha256(&src.join("rootfs-a.ext4"))
+    );
+    let (c, f) = counted(&store);
+    let r = run(
+        SyncSide::Store(c),
+        SyncSide::Dir(back.clone()),
+        SyncOptions::default(),
+    )
+    .await;
+    assert!(r.actions.is_empty());
+    assert_eq!(f.list_calls.load(SeqCst), 1);
+    assert_eq!(f.get_calls.load(SeqCst) + f.head_calls.load(SeqCst), 0);
+
+    // Store → store (backup), then unchanged; --delete there too.
+    let r = run(
+        SyncSide::Store(store.clone()),
+        SyncSide::Store(other.clone()),
+        SyncOptions::default(),
+    )
+    .await;
+    assert_eq!(r.actions.len(), 2);
+    assert!(r.actions.iter().all(|a| a.kind == ActionKind::Copy));
+    let copied = other.head("rootfs-a.ext4", None).await.unwrap();
+    assert_eq!(
+        copied.sha256(),
+        Some(sha256(&src.join("rootfs-a.ext4")).as_str())
+    );
+    let r = run(
+        SyncSide::Store(store.clone()),
+        SyncSide::Store(other.clone()),
+        SyncOptions::default(),
+    )
+    .await;
+    assert!(r.actions.is_empty(), "{:?}", r.actions);
+    store.delete("other.txt").await.unwrap();
+    let r = run(
+        SyncSide::Store(store.clone()),
+        SyncSide::Store(other.clone()),
+        SyncOptions {
+            delete: true,
+            dry_run: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(r.actions.len(), 1);
+    assert!(
+        other.head("other.txt", None).await.is_ok(),
+        "dry run deleted"
+    );
+}
+
+/// An image's manifest sha256 saves the hashing pass, and is checked while sending: a stale
+/// manifest stops the upload before anything is stored.
+pub async fn manifest_sha_is_verified(store: Arc<dyn ObjectStore>, dir: &Path) {
+    let paths = infra_config::Paths::under(dir.join("home"));
+    std::fs::create_dir_all(&paths.images).unwrap();
+    let img = paths.image("py");
+    sparse_image(&img, 48 * MIB, &[(0, (9 * MIB) as usize), (30 * MIB, 4096)]);
+    let size = 48 * MIB;
+    let manifest = infra_config::Paths::manifest_for(&img);
+    let write_manifest = |sha: &str| {
+        std::fs::write(
+            &manifest,
+            format!("{{\"name\":\"py\",\"sha256\":\"{sha}\",\"size_bytes\":{size}}}"),
+        )
+        .unwrap()
+    };
+    let e = engine(store.clone(), small_parts(&dir.join("state")));
+    write_manifest(&sha256(&img));
+    for compress in [false, true] {
+        let up = infra_store::artifacts::upload_image(&e, &paths, "py", compress)
+            .await
+            .unwrap();
+        assert_eq!(up[0].sha256, sha256(&img));
+    }
+    // Stale manifest: both forms refuse, nothing new is stored.
+    let wrong = hex_sha(b"stale");
+    write_manifest(&wrong);
+    let fresh = engine(store.clone(), small_parts(&dir.join("state2")));
+    for compress in [false, true] {
+        store.delete("rootfs-py.ext4").await.unwrap();
+        store.delete("rootfs-py.ext4.zst").await.unwrap();
+        let err = infra_store::artifacts::upload_image(&fresh, &paths, "py", compress)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::SourceMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("nothing was stored"), "{err}");
+        let keys: Vec<String> = store
+            .list("rootfs-py.ext4")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert!(keys.is_empty(), "{keys:?}");
+    }
+}
