@@ -130,9 +130,6 @@ impl VmArgs {
 /// not have it either (or none is reachable), it is built with debootstrap instead, and the
 /// store's reason is shown unless it was simply "not there".
 async fn fetch_from_store(paths: &Paths, name: &str) {
-    if paths.image(name).is_file() {
-        return;
-    }
     if let Err(e) = crate::store::ensure_local_image(name, paths).await {
         let not_there = e.chain().any(|c| {
             matches!(
@@ -234,12 +231,7 @@ pub async fn run(a: RunArgs, paths: &Paths) -> Result<i32> {
             .with_context(|| format!("cannot read --file {}", f.display()))?,
         (None, None) => bail!("give the program with --code or --file"),
     };
-    if code.trim().is_empty() {
-        return Err(infra_runner::RunError::Usage(
-            "the code is empty; pass a program with --code or --file".into(),
-        )
-        .into());
-    }
+    infra_runner::check_code(&code)?;
     let stdin = match a.stdin.as_deref() {
         None => Vec::new(),
         Some("-") => {

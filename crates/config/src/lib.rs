@@ -8,6 +8,20 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// Finds an executable on `PATH` or in the sbin directories (root's tools live there and are
+/// not on every user's `PATH`). The one lookup every crate uses for host tools.
+pub fn find_executable(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(
+            ["/usr/local/sbin", "/usr/sbin", "/sbin"]
+                .into_iter()
+                .map(PathBuf::from),
+        )
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
 /// Environment variable that overrides the whole layout (tests and multi-tenant hosts use it).
 pub const HOME_ENV: &str = "INFRA_OPERATOR_HOME";
 /// The seeds' working directory when running as root.

@@ -6,21 +6,12 @@ use std::process::{Command, Output};
 
 use crate::error::{Error, Result};
 
-/// Finds `tool` on `PATH` or in the sbin directories (root tools are there even for users).
+/// Finds `tool` (see [`infra_config::find_executable`]), naming its Debian package if absent.
 pub fn find(tool: &str, package: &str) -> Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(
-            ["/usr/local/sbin", "/usr/sbin", "/sbin"]
-                .into_iter()
-                .map(PathBuf::from),
-        )
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
-        .ok_or_else(|| Error::MissingTool {
-            tool: tool.into(),
-            package: package.into(),
-        })
+    infra_config::find_executable(tool).ok_or_else(|| Error::MissingTool {
+        tool: tool.into(),
+        package: package.into(),
+    })
 }
 
 /// Runs a command to completion, returning its output or a [`Error::ToolFailed`] with the tail

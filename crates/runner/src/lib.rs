@@ -265,8 +265,8 @@ impl Runner {
 
     /// Backends to try, in order. Each KVM candidate is proven by its boot; a failure is
     /// remembered and the next candidate is used.
-    fn candidates(&self) -> Result<Vec<Backend>, RunError> {
-        let kvm_ok = infra_vmm::kvm_openable() && self.kvm_verdict().is_none_or(|(ok, _)| ok);
+    fn candidates(&self, verdict: Option<bool>) -> Result<Vec<Backend>, RunError> {
+        let kvm_ok = infra_vmm::kvm_openable() && verdict.unwrap_or(true);
         let mut out = Vec::new();
         match self.opts.backend {
             BackendChoice::Firecracker => {
@@ -321,7 +321,9 @@ impl Runner {
             extra_args: self.opts.extra_args.clone(),
             run_dir: self.opts.run_dir.clone(),
         };
-        let candidates = self.candidates()?;
+        let verdict = self.kvm_verdict().map(|(ok, _)| ok);
+        let proven = verdict == Some(true);
+        let candidates = self.candidates(verdict)?;
         let last = candidates.len() - 1;
         for (i, backend) in candidates.into_iter().enumerate() {
             let uses_kvm = match &backend {
@@ -330,7 +332,6 @@ impl Runner {
             };
             // An unproven KVM gets a short leash: when it is broken, the guest dies or
             // stalls early, and the fallback still has its full boot timeout.
-            let proven = self.kvm_verdict().is_some_and(|(ok, _)| ok);
             let timeout = if uses_kvm && !proven && i < last {
                 self.opts.boot_timeout.min(Duration::from_secs(30))
             } else {
@@ -362,11 +363,7 @@ impl Runner {
         initramfs: &Path,
         mut on_output: impl FnMut(Output),
     ) -> Result<RunOutcome, RunError> {
-        if spec.code.trim().is_empty() {
-            return Err(RunError::Usage(
-                "the code is empty; pass --code or --file with a program".into(),
-            ));
-        }
+        check_code(&spec.code)?;
         let started = Instant::now();
         let trace_id = format!("tr-{}", uuid::Uuid::new_v4().simple());
         let mut ready = self
@@ -403,7 +400,14 @@ impl Runner {
                 }
                 on_output(o);
             });
-            watch_vm(&mut ready.vm, backstop, exec_fut).await
+            watch_vm(&mut ready.vm, backstop, exec_fut, |vm| {
+                RunError::Agent(format!(
+                    "no answer from the guest within {} s; last console lines:\n{}",
+                    backstop.as_secs(),
+                    vm.console_tail(15)
+                ))
+            })
+            .await
         };
         let backend = ready.vm.backend().to_string();
         let accel = ready.vm.accel().to_string();
@@ -437,11 +441,23 @@ impl Runner {
     }
 }
 
-/// Waits for `fut` while watching the VMM: if it exits, or `limit` passes, the error says so.
+/// Refuses an empty program before anything is fetched, built or booted.
+pub fn check_code(code: &str) -> Result<(), RunError> {
+    if code.trim().is_empty() {
+        return Err(RunError::Usage(
+            "the code is empty; pass a program with --code or --file".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Waits for `fut` while watching the VMM: if it exits, the error says so; if `limit`
+/// passes first, the error is `on_timeout`'s.
 async fn watch_vm<T>(
     vm: &mut Vm,
     limit: Duration,
     fut: impl std::future::Future<Output = Result<T, RunError>>,
+    on_timeout: impl FnOnce(&Vm) -> RunError,
 ) -> Result<T, RunError> {
     tokio::pin!(fut);
     let deadline = tokio::time::Instant::now() + limit;
@@ -459,11 +475,7 @@ async fn watch_vm<T>(
                     return Err(vm.exited_error().into());
                 }
                 if tokio::time::Instant::now() > deadline {
-                    return Err(RunError::Agent(format!(
-                        "no answer from the guest within {} s; last console lines:\n{}",
-                        limit.as_secs(),
-                        vm.console_tail(15)
-                    )));
+                    return Err(on_timeout(vm));
                 }
             }
         }
@@ -477,67 +489,41 @@ async fn boot_one(
 ) -> Result<ReadyVm, RunError> {
     let started = Instant::now();
     let mut vm = backend.start(cfg).await?;
-    // `greet` borrows the VM, so the process is watched through its pid meanwhile.
-    let pid = vm.pid();
-    let deadline = tokio::time::Instant::now() + timeout;
-    let outcome = {
-        let greet = async {
-            // Firecracker's vsock refuses until the guest listens: retry the connection.
-            let stream = loop {
-                match vm.connect().await {
-                    Ok(s) => break s,
-                    Err(e) => {
-                        tracing::trace!(error = %e, "agent not reachable yet");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            };
-            let mut client = AgentClient::new(stream);
-            let info = client.hello().await?;
-            Ok::<_, RunError>((client, info))
-        };
-        tokio::pin!(greet);
-        loop {
-            tokio::select! {
-                r = &mut greet => break Some(r),
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                    let gone = pid.is_none_or(|p| !Path::new(&format!("/proc/{p}")).exists()
-                        || std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| s.contains(") Z ")));
-                    if gone || tokio::time::Instant::now() > deadline {
-                        break None;
-                    }
+    let endpoint = vm.endpoint().clone();
+    let greet = async move {
+        // Firecracker's vsock refuses until the guest listens: retry the connection.
+        let stream = loop {
+            match endpoint.connect().await {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::trace!(error = %e, "agent not reachable yet");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
-        }
+        };
+        let mut client = AgentClient::new(stream);
+        let info = client.hello().await?;
+        Ok::<_, RunError>((client, info))
     };
+    let accel = vm.accel().to_string();
+    let outcome = watch_vm(&mut vm, timeout, greet, |vm| {
+        infra_vmm::VmError::BootTimeout {
+            secs: timeout.as_secs(),
+            backend: backend.name(),
+            accel,
+            console: vm.console_tail(15),
+        }
+        .into()
+    })
+    .await;
     match outcome {
-        Some(Ok((client, info))) => Ok(ReadyVm {
+        Ok((client, info)) => Ok(ReadyVm {
             vm,
             client,
             info,
             boot: started.elapsed(),
         }),
-        Some(Err(e)) => {
-            let e = if vm.exited_within(Duration::from_secs(3)).await {
-                vm.exited_error().into()
-            } else {
-                e
-            };
-            let _ = vm.stop().await;
-            Err(e)
-        }
-        None => {
-            let e: RunError = if vm.exited().is_some() {
-                vm.exited_error().into()
-            } else {
-                infra_vmm::VmError::BootTimeout {
-                    secs: timeout.as_secs(),
-                    backend: backend.name(),
-                    accel: vm.accel().to_string(),
-                    console: vm.console_tail(15),
-                }
-                .into()
-            };
+        Err(e) => {
             let _ = vm.stop().await;
             Err(e)
         }

@@ -486,6 +486,16 @@ fn to_chrono(t: &aws_sdk_s3::primitives::DateTime) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(t.secs(), t.subsec_nanos())
 }
 
+/// User metadata as S3 returns it, with keys lower-cased (servers differ in case).
+fn lowercase_metadata(m: Option<&std::collections::HashMap<String, String>>) -> Metadata {
+    m.map(|m| {
+        m.iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
 fn unquote(etag: Option<&str>) -> Option<String> {
     etag.map(|e| e.trim_matches('"').to_string())
 }
@@ -591,14 +601,7 @@ impl ObjectStore for S3Store {
             last_modified: resp.last_modified().and_then(to_chrono),
             etag: unquote(resp.e_tag()),
             version_id: resp.version_id().map(str::to_string),
-            metadata: resp
-                .metadata()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            metadata: lowercase_metadata(resp.metadata()),
         })
     }
 
@@ -638,14 +641,7 @@ impl ObjectStore for S3Store {
             last_modified: resp.last_modified().and_then(to_chrono),
             etag: unquote(resp.e_tag()),
             version_id: resp.version_id().map(str::to_string),
-            metadata: resp
-                .metadata()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            metadata: lowercase_metadata(resp.metadata()),
         };
         let endpoint = self.endpoint_label();
         let body = futures::stream::unfold(resp.body, move |mut bs| {

@@ -62,6 +62,19 @@ pub enum AgentEndpoint {
     },
 }
 
+impl AgentEndpoint {
+    /// Opens a byte stream to the agent. For QEMU this succeeds as soon as QEMU listens;
+    /// bytes wait in the socket until the agent opens its port.
+    pub async fn connect(&self) -> Result<UnixStream, VmError> {
+        match self {
+            AgentEndpoint::Stream(path) => UnixStream::connect(path)
+                .await
+                .map_err(|e| VmError::io(format!("connect to {}", path.display()), e)),
+            AgentEndpoint::HybridVsock { uds, port } => hybrid_vsock_connect(uds, *port).await,
+        }
+    }
+}
+
 /// A started VM. Dropping it kills the VMM and removes its directory; [`Vm::stop`] does the
 /// same and waits for the process, so nothing is left behind.
 #[derive(Debug)]
@@ -100,15 +113,9 @@ impl Vm {
         self.child.id()
     }
 
-    /// Opens a byte stream to the agent. For QEMU this succeeds as soon as QEMU listens;
-    /// bytes wait in the socket until the agent opens its port.
-    pub async fn connect(&self) -> Result<UnixStream, VmError> {
-        match &self.endpoint {
-            AgentEndpoint::Stream(path) => UnixStream::connect(path)
-                .await
-                .map_err(|e| VmError::io(format!("connect to {}", path.display()), e)),
-            AgentEndpoint::HybridVsock { uds, port } => hybrid_vsock_connect(uds, *port).await,
-        }
+    /// How to reach the agent (cloneable, so a connection attempt need not borrow the VM).
+    pub fn endpoint(&self) -> &AgentEndpoint {
+        &self.endpoint
     }
 
     /// `Some(status)` once the VMM process has exited.
@@ -237,16 +244,12 @@ pub(crate) fn spawn(mut cmd: Command, log: &Path) -> std::io::Result<Child> {
     cmd.spawn()
 }
 
-/// Finds an executable: an explicit path, else `PATH`.
+/// Finds an executable: an explicit path, else `PATH` and the sbin directories.
 pub fn find_binary(explicit: Option<&Path>, name: &str) -> Option<PathBuf> {
-    if let Some(p) = explicit {
-        return p.is_file().then(|| p.to_path_buf());
+    match explicit {
+        Some(p) => p.is_file().then(|| p.to_path_buf()),
+        None => infra_config::find_executable(name),
     }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
 }
 
 /// Kernel arguments that skip initcalls that only wait on these machines: `cmos_init`
