@@ -143,6 +143,7 @@ fn exit_code(e: &anyhow::Error) -> i32 {
     match e.downcast_ref::<E>() {
         Some(
             E::HostileEntry { .. }
+            | E::LimitExceeded { .. }
             | E::CorruptLayer { .. }
             | E::DigestMismatch { .. }
             | E::NotFound { .. },

@@ -8,7 +8,7 @@ use infra_config::Paths;
 use infra_image::debootstrap::{Base, CreateOptions};
 use infra_image::ext4::SizeSpec;
 use infra_image::source::{SourceMode, SourceSpec};
-use infra_image::{BuildRequest, NoProgress, Origin, Progress};
+use infra_image::{BuildRequest, NoProgress, Origin, Progress, UnpackLimits};
 use infra_languages::LanguageTable;
 
 use crate::ui::{human_mb, table, TerminalProgress};
@@ -75,6 +75,58 @@ pub struct OutputArgs {
     json: bool,
 }
 
+/// Bounds on what an image's layers may expand to (a build that crosses one stops with a clear
+/// error and leaves nothing behind). Sizes take K, M, G or T suffixes (powers of 1024).
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Limits (hostile images)")]
+pub struct LimitArgs {
+    /// Most uncompressed bytes of one layer.
+    #[arg(long, value_name = "SIZE", default_value = "32G", value_parser = parse_size)]
+    max_layer_size: u64,
+    /// Most bytes of all the image's files together (holes of sparse files included).
+    #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size)]
+    max_image_size: u64,
+    /// Most bytes of one file.
+    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size)]
+    max_file_size: u64,
+    /// Most tar entries over all layers.
+    #[arg(long, value_name = "N", default_value_t = 2_000_000)]
+    max_entries: u64,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> UnpackLimits {
+        UnpackLimits {
+            max_layer_bytes: self.max_layer_size,
+            max_image_bytes: self.max_image_size,
+            max_entries: self.max_entries,
+            max_file_bytes: self.max_file_size,
+        }
+    }
+}
+
+/// `1048576`, `512K`, `64M`, `32G`, `1T` (powers of 1024; a trailing `B`/`iB` is accepted).
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| format!("'{s}' is not a size (e.g. 1048576, 512M, 32G)"))
+}
+
 /// `rootfs from-docker` flags.
 #[derive(Args, Debug)]
 pub struct FromDockerArgs {
@@ -97,6 +149,8 @@ pub struct FromDockerArgs {
     /// Where to get the image: auto (daemon if it has it, else registry), registry, docker.
     #[arg(long, default_value = "auto", value_parser = ["auto", "registry", "docker"])]
     source: String,
+    #[command(flatten)]
+    limits: LimitArgs,
     #[command(flatten)]
     out: OutputArgs,
 }
@@ -193,7 +247,7 @@ async fn from_docker(a: FromDockerArgs, paths: &Paths) -> Result<()> {
         _ => SourceMode::Auto,
     };
     let spec = SourceSpec::parse(&image, mode)?;
-    let req = request(
+    let mut req = request(
         &name,
         language,
         Origin::Image { spec, mode },
@@ -202,6 +256,7 @@ async fn from_docker(a: FromDockerArgs, paths: &Paths) -> Result<()> {
         a.platform,
         a.insecure,
     )?;
+    req.limits = a.limits.limits();
     if !a.out.json {
         println!("Creating rootfs for {name} from Docker image...");
         println!("  Docker Image: {image}");
@@ -279,6 +334,7 @@ fn request(
         platform,
         insecure,
         agent,
+        limits: UnpackLimits::default(),
     })
 }
 
@@ -349,4 +405,19 @@ fn list(a: ListArgs, paths: &Paths) -> Result<()> {
         table(&["LANGUAGE", "SIZE", "USED", "CREATED", "PATH"], rows)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        use super::parse_size;
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("64m"), Ok(64 << 20));
+        assert_eq!(parse_size("32GiB"), Ok(32 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
 }

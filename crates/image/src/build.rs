@@ -17,8 +17,10 @@ use crate::ext4::{self, Ext4Params, SizeSpec};
 use crate::inject::{self, InjectOptions, AGENT_IN_IMAGE, AGENT_PORT};
 use crate::manifest::{BootInfo, Manifest, SourceInfo, MANIFEST_SCHEMA};
 use crate::progress::Progress;
-use crate::source::{archive, daemon, registry, FetchedImage, ImageConfig, SourceMode, SourceSpec};
-use crate::unpack::{measure_tree, Unpacker};
+use crate::source::{
+    archive, daemon, open_layer, registry, FetchedImage, ImageConfig, SourceMode, SourceSpec,
+};
+use crate::unpack::{measure_tree, UnpackLimits, Unpacker};
 
 /// Bumped whenever the same input would produce different image bytes (part of the UUID input).
 pub const MATERIALIZER_ABI: u32 = 1;
@@ -58,6 +60,8 @@ pub struct BuildRequest {
     pub insecure: bool,
     /// Agent binary to inject (static).
     pub agent: PathBuf,
+    /// Bounds on what the image's layers may expand to.
+    pub limits: UnpackLimits,
 }
 
 const STEPS: usize = 6;
@@ -115,9 +119,11 @@ pub async fn build(req: &BuildRequest, paths: &Paths, progress: &dyn Progress) -
             progress.step(2, STEPS, "Unpacking filesystem layers...");
             let staging2 = staging.clone();
             let f2 = fetched.clone();
-            let diff_ids = tokio::task::spawn_blocking(move || unpack_all(&f2, &staging2, epoch))
-                .await
-                .map_err(|e| Error::Usage(format!("unpack task failed: {e}")))??;
+            let limits = req.limits;
+            let diff_ids =
+                tokio::task::spawn_blocking(move || unpack_all(&f2, &staging2, epoch, limits))
+                    .await
+                    .map_err(|e| Error::Usage(format!("unpack task failed: {e}")))??;
             let info = SourceInfo {
                 kind: fetched.kind.clone(),
                 reference: fetched.reference.clone(),
@@ -302,17 +308,12 @@ async fn fetch(
         }
         SourceSpec::Daemon(r) => daemon::fetch(r, work, progress).await,
         SourceSpec::DockerArchive(p, r) => {
-            let (p, r, w) = (p.clone(), r.clone(), work.to_path_buf());
-            blocking(move || archive::fetch_docker_archive(&p, r.as_deref(), &w)).await
+            let (p, r) = (p.clone(), r.clone());
+            blocking(move || archive::fetch_docker_archive(&p, r.as_deref())).await
         }
         SourceSpec::OciArchive(p, r) => {
-            let (p, r, w, plat) = (
-                p.clone(),
-                r.clone(),
-                work.to_path_buf(),
-                req.platform.clone(),
-            );
-            blocking(move || archive::fetch_oci_archive(&p, r.as_deref(), &plat, &w)).await
+            let (p, r, plat) = (p.clone(), r.clone(), req.platform.clone());
+            blocking(move || archive::fetch_oci_archive(&p, r.as_deref(), &plat)).await
         }
         SourceSpec::OciDir(p, r) => {
             let (p, r, plat) = (p.clone(), r.clone(), req.platform.clone());
@@ -327,15 +328,32 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::Usage(format!("task failed: {e}")))?
 }
 
-/// Applies every layer in order; returns the diff_ids computed.
-fn unpack_all(image: &FetchedImage, root: &Path, epoch: i64) -> Result<Vec<String>> {
-    let mut unpacker = Unpacker::with_default_mtime(root, epoch);
+/// Applies every layer in order; returns the diff_ids computed. Each blob is verified against
+/// its digest as it is read (a cached registry blob that no longer matches is removed, so the
+/// next build downloads it again) and each uncompressed stream against its diff_id.
+fn unpack_all(
+    image: &FetchedImage,
+    root: &Path,
+    epoch: i64,
+    limits: UnpackLimits,
+) -> Result<Vec<String>> {
+    let mut unpacker = Unpacker::with_default_mtime(root, epoch).with_limits(limits);
     let mut ids = Vec::new();
     for layer in &image.layers {
-        let f = std::fs::File::open(&layer.path).ctx("open layer", &layer.path)?;
-        let stats = unpacker.apply_layer(f, &layer.digest, layer.diff_id.as_deref())?;
-        tracing::debug!(layer = %layer.digest, entries = stats.entries, whiteouts = stats.whiteouts, "layer applied");
-        ids.push(stats.diff_id);
+        let mut blob = open_layer(layer)?;
+        let applied = unpacker.apply_layer(&mut blob, &layer.digest, layer.diff_id.as_deref());
+        // The blob digest first: a corrupt or substituted blob explains any error after it.
+        let verified = blob.finish();
+        if let Err(e @ Error::DigestMismatch { .. }) = &verified {
+            if image.kind == "registry" {
+                let _ = std::fs::remove_file(&layer.path);
+            }
+            tracing::debug!(error = %e, "layer blob failed verification");
+        }
+        verified.and(applied).map(|stats| {
+            tracing::debug!(layer = %layer.digest, entries = stats.entries, whiteouts = stats.whiteouts, "layer applied");
+            ids.push(stats.diff_id);
+        })?;
     }
     unpacker.finish()?;
     if image.kind == "docker-daemon" {

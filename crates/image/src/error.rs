@@ -99,6 +99,19 @@ pub enum Error {
         /// What it tried to do.
         reason: String,
     },
+    /// A layer expanded past one of the unpack limits (compression or sparse-file bomb, or a
+    /// genuinely huge image).
+    #[error("layer {layer}: {what} exceeds the limit of {limit}; the image is hostile or larger than allowed (raise {flag} only for images you trust)")]
+    LimitExceeded {
+        /// Layer digest or file name.
+        layer: String,
+        /// Which quantity.
+        what: &'static str,
+        /// The limit, with its unit.
+        limit: String,
+        /// The flag that sets it.
+        flag: &'static str,
+    },
     /// A fixed `--size` is too small for the content.
     #[error("the image needs about {needed_mb} MB but --size is {size_mb} MB: use a larger --size or --size auto")]
     TooSmall {

@@ -26,3 +26,4 @@ pub use build::{build, BuildRequest, Origin};
 pub use error::{Error, Result};
 pub use manifest::{list_local, LocalImage, Manifest};
 pub use progress::{NoProgress, Progress};
+pub use unpack::UnpackLimits;

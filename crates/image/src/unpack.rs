@@ -9,6 +9,17 @@
 //!   root is refused. Final components are never followed: an existing symlink is replaced, not
 //!   written through.
 //! - Integrity: the uncompressed stream is hashed and compared with the config's `diff_id`.
+//! - Limits ([`UnpackLimits`]): uncompressed bytes per layer, logical bytes per image, entries per
+//!   image and the size of one file, so a compression or sparse-file bomb stops with
+//!   [`Error::LimitExceeded`] instead of filling the disk. Runs of zeros (including the holes of
+//!   sparse entries) are written as holes.
+//! - Extended attributes: only `user.*`, `security.capability` and `system.posix_acl_*` are
+//!   applied; others (`trusted.*`, `security.selinux`, …) are dropped with a warning.
+//! - Opaque directories (`.wh..wh..opq`) are applied when the layer ends, so the marker hides
+//!   only lower layers' content wherever it appears in the tar.
+//! - Directory mtimes are restored at the end by walking from the root with `O_NOFOLLOW` at every
+//!   step: a directory a later layer replaced (or a parent turned into a symlink) is skipped,
+//!   never reached through a link.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -29,6 +40,39 @@ const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
 const MAX_SYMLINK_HOPS: usize = 40;
 
+/// Bounds on what layers may expand to. Defaults fit the largest public language images (tens of
+/// GB for CUDA stacks) with room, and stop bombs long before a disk fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// Uncompressed tar bytes of one layer.
+    pub max_layer_bytes: u64,
+    /// Logical bytes of all regular files written, holes of sparse files included.
+    pub max_image_bytes: u64,
+    /// Tar entries over all layers.
+    pub max_entries: u64,
+    /// Logical size of one file.
+    pub max_file_bytes: u64,
+}
+
+impl Default for UnpackLimits {
+    fn default() -> Self {
+        Self {
+            max_layer_bytes: 32 << 30,
+            max_image_bytes: 64 << 30,
+            max_entries: 2_000_000,
+            max_file_bytes: 16 << 30,
+        }
+    }
+}
+
+/// Extended attributes an image may carry into the rootfs.
+pub fn xattr_allowed(name: &str) -> bool {
+    name.starts_with("user.")
+        || name == "security.capability"
+        || name == "system.posix_acl_access"
+        || name == "system.posix_acl_default"
+}
+
 /// Counts of what a layer did, for logs and tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct LayerStats {
@@ -47,6 +91,9 @@ pub struct Unpacker {
     root: PathBuf,
     dir_mtimes: HashMap<PathBuf, i64>,
     default_mtime: i64,
+    limits: UnpackLimits,
+    image_bytes: u64,
+    entries: u64,
 }
 
 impl Unpacker {
@@ -65,7 +112,16 @@ impl Unpacker {
             root,
             dir_mtimes,
             default_mtime: mtime,
+            limits: UnpackLimits::default(),
+            image_bytes: 0,
+            entries: 0,
         }
+    }
+
+    /// Replaces the default [`UnpackLimits`].
+    pub fn with_limits(mut self, limits: UnpackLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Records that a directory was changed, so [`Unpacker::finish`] restores a fixed mtime.
@@ -101,14 +157,15 @@ impl Unpacker {
             inner: decoder,
             hasher: Sha256::new(),
             bytes: 0,
+            limit: self.limits.max_layer_bytes,
         };
         let mut stats = LayerStats::default();
-        {
+        let mut layer_state = LayerState::default();
+        let applied = (|| -> Result<()> {
             let mut archive = tar::Archive::new(&mut hashing);
-            let mut touched: HashSet<PathBuf> = HashSet::new();
             for entry in archive.entries().map_err(corrupt)? {
                 let mut entry = entry.map_err(corrupt)?;
-                self.apply_entry(&mut entry, layer, &mut touched, &mut stats)
+                self.apply_entry(&mut entry, layer, &mut layer_state, &mut stats)
                     .map_err(|e| match e {
                         // A read error inside an entry's data is corruption, not a local I/O fault.
                         Error::Io {
@@ -119,9 +176,20 @@ impl Unpacker {
                         other => other,
                     })?;
             }
+            // Hash the end-of-archive padding too, so the digest covers the whole stream.
+            io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(corrupt)?;
+            Ok(())
+        })();
+        if hashing.bytes > hashing.limit {
+            return Err(Error::LimitExceeded {
+                layer: layer.to_string(),
+                what: "uncompressed size",
+                limit: format!("{} bytes", self.limits.max_layer_bytes),
+                flag: "--max-layer-size",
+            });
         }
-        // Hash the end-of-archive padding too, so the digest covers the whole stream.
-        io::copy(&mut hashing, &mut io::sink()).map_err(corrupt)?;
+        applied?;
+        self.apply_opaque(&layer_state)?;
         stats.tar_bytes = hashing.bytes;
         stats.diff_id = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
         if let Some(expected) = expected_diff_id {
@@ -158,11 +226,48 @@ impl Unpacker {
             .collect();
         dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
         for (dir, mtime) in dirs {
-            if fs::symlink_metadata(&dir)
-                .map(|m| m.is_dir())
-                .unwrap_or(false)
-            {
-                set_times(&dir, mtime)?;
+            let Ok(rel) = dir.strip_prefix(&self.root) else {
+                continue;
+            };
+            if let Some(fd) = open_dir_nofollow(&self.root, rel)? {
+                let t = TimeSpec::new(mtime, 0);
+                nix::sys::stat::futimens(&fd, &t, &t)
+                    .map_err(|e| Error::io("set times of", &dir, e.into()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Empties the layer's opaque directories of everything this layer did not write (lower
+    /// layers' content), keeping the layer's own entries and the directories leading to them.
+    fn apply_opaque(&self, state: &LayerState) -> Result<()> {
+        for dir in &state.opaque {
+            // The directory may have been replaced by a non-directory later in the layer.
+            let Ok(rel) = dir.strip_prefix(&self.root) else {
+                continue;
+            };
+            if open_dir_nofollow(&self.root, rel)?.is_none() {
+                continue;
+            }
+            self.prune_lower(dir, state)?;
+        }
+        Ok(())
+    }
+
+    fn prune_lower(&self, dir: &Path, state: &LayerState) -> Result<()> {
+        for child in fs::read_dir(dir).ctx("read directory", dir)? {
+            let child = child.ctx("read directory", dir)?;
+            let path = child.path();
+            let is_dir = child.file_type().ctx("stat", &path)?.is_dir();
+            if state.touched.contains(&path) {
+                // Written by this layer; a directory it wrote may still hold lower content.
+                if is_dir {
+                    self.prune_lower(&path, state)?;
+                }
+            } else if is_dir && state.ancestors.contains(&path) {
+                self.prune_lower(&path, state)?;
+            } else {
+                remove_any(&path)?;
             }
         }
         Ok(())
@@ -172,7 +277,7 @@ impl Unpacker {
         &mut self,
         entry: &mut tar::Entry<'_, R>,
         layer: &str,
-        touched: &mut HashSet<PathBuf>,
+        state: &mut LayerState,
         stats: &mut LayerStats,
     ) -> Result<()> {
         let raw = entry.path_bytes().into_owned();
@@ -185,6 +290,15 @@ impl Unpacker {
         let kind = entry.header().entry_type();
         if matches!(kind, EntryType::XGlobalHeader | EntryType::XHeader) {
             return Ok(());
+        }
+        self.entries += 1;
+        if self.entries > self.limits.max_entries {
+            return Err(Error::LimitExceeded {
+                layer: layer.to_string(),
+                what: "number of entries",
+                limit: format!("{} entries", self.limits.max_entries),
+                flag: "--max-entries",
+            });
         }
         let rel = sanitize(Path::new(OsStr::from_bytes(&raw))).map_err(&hostile)?;
         let Some(name) = rel.file_name().map(|n| n.to_os_string()) else {
@@ -202,12 +316,7 @@ impl Unpacker {
         let name_str = name.to_string_lossy();
 
         if name_str == OPAQUE_MARKER {
-            for child in fs::read_dir(&parent).ctx("read directory", &parent)? {
-                let child = child.ctx("read directory", &parent)?.path();
-                if !touched.contains(&child) {
-                    remove_any(&child)?;
-                }
-            }
+            state.opaque.push(parent.clone());
             stats.whiteouts += 1;
             return Ok(());
         }
@@ -236,6 +345,29 @@ impl Unpacker {
                 self.apply_metadata(entry, &dest, false)?;
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                let size = entry.size();
+                let over =
+                    |what: &'static str, limit: u64, flag: &'static str| Error::LimitExceeded {
+                        layer: layer.to_string(),
+                        what,
+                        limit: format!("{limit} bytes"),
+                        flag,
+                    };
+                if size > self.limits.max_file_bytes {
+                    return Err(over(
+                        "size of one file",
+                        self.limits.max_file_bytes,
+                        "--max-file-size",
+                    ));
+                }
+                self.image_bytes = self.image_bytes.saturating_add(size);
+                if self.image_bytes > self.limits.max_image_bytes {
+                    return Err(over(
+                        "total size of the image's files",
+                        self.limits.max_image_bytes,
+                        "--max-image-size",
+                    ));
+                }
                 if existing.is_some() {
                     remove_any(&dest)?;
                 }
@@ -244,7 +376,16 @@ impl Unpacker {
                     .create_new(true)
                     .open(&dest)
                     .ctx("create file", &dest)?;
-                copy_entry_data(entry, &mut file, &dest)?;
+                let written = copy_entry_data(entry, &mut file, &dest)?;
+                if written != size {
+                    return Err(Error::CorruptLayer {
+                        layer: layer.to_string(),
+                        source: io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("{shown}: {written} of {size} bytes"),
+                        ),
+                    });
+                }
                 self.apply_metadata(entry, &dest, false)?;
             }
             EntryType::Symlink => {
@@ -314,7 +455,7 @@ impl Unpacker {
                 return Ok(());
             }
         }
-        touched.insert(dest);
+        state.touch(&self.root, dest);
         Ok(())
     }
 
@@ -339,6 +480,11 @@ impl Unpacker {
             for ext in exts.flatten() {
                 let Ok(key) = ext.key() else { continue };
                 if let Some(attr) = key.strip_prefix("SCHILY.xattr.") {
+                    if !xattr_allowed(attr) {
+                        tracing::warn!(path = %dest.display(), attr, "dropping extended attribute an image may not set");
+                        continue;
+                    }
+                    // lsetxattr: never through a symlink.
                     if let Err(e) = xattr::set(dest, attr, ext.value_bytes()) {
                         tracing::warn!(path = %dest.display(), attr, error = %e, "cannot set xattr");
                     }
@@ -443,17 +589,21 @@ fn sanitize(path: &Path) -> std::result::Result<PathBuf, String> {
     Ok(out)
 }
 
+/// Copies an entry's data, leaving runs of zeros (4 KiB blocks) as holes; returns the logical
+/// size written.
 fn copy_entry_data<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     file: &mut fs::File,
     dest: &Path,
-) -> Result<()> {
+) -> Result<u64> {
+    use std::io::Seek;
+    const BLOCK: usize = 4096;
     let mut buf = vec![0u8; 256 * 1024];
+    let mut pos = 0u64;
     loop {
-        let n = match entry.read(&mut buf) {
+        let n = match read_full(entry, &mut buf) {
             Ok(0) => break,
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 return Err(Error::Io {
                     action: "read layer data of",
@@ -462,9 +612,78 @@ fn copy_entry_data<R: Read>(
                 })
             }
         };
-        file.write_all(&buf[..n]).ctx("write", dest)?;
+        for chunk in buf[..n].chunks(BLOCK) {
+            if chunk.iter().all(|&b| b == 0) {
+                file.seek(io::SeekFrom::Current(chunk.len() as i64))
+                    .ctx("seek in", dest)?;
+            } else {
+                file.write_all(chunk).ctx("write", dest)?;
+            }
+        }
+        pos += n as u64;
     }
-    Ok(())
+    // A trailing hole needs the length set explicitly.
+    file.set_len(pos).ctx("set length of", dest)?;
+    Ok(pos)
+}
+
+/// Fills `buf` as far as the reader allows (short only at the end).
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Opens `rel` under `root` one component at a time with `O_NOFOLLOW | O_DIRECTORY`: `None`
+/// when a component is missing, a symlink or not a directory.
+fn open_dir_nofollow(root: &Path, rel: &Path) -> Result<Option<std::os::fd::OwnedFd>> {
+    use nix::fcntl::{open, openat, OFlag};
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut fd = open(root, flags, Mode::empty()).map_err(|e| Error::io("open", root, e.into()))?;
+    for c in rel.components() {
+        let Component::Normal(name) = c else {
+            return Ok(None);
+        };
+        match openat(&fd, name, flags, Mode::empty()) {
+            Ok(next) => fd = next,
+            Err(
+                nix::errno::Errno::ENOENT | nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR,
+            ) => return Ok(None),
+            Err(e) => return Err(Error::io("open", root.join(rel), e.into())),
+        }
+    }
+    Ok(Some(fd))
+}
+
+/// What one layer wrote, for its opaque directories.
+#[derive(Default)]
+struct LayerState {
+    /// Paths this layer created or replaced.
+    touched: HashSet<PathBuf>,
+    /// Directories above those paths (kept, but pruned of lower content under an opaque dir).
+    ancestors: HashSet<PathBuf>,
+    /// Directories marked opaque, applied when the layer ends.
+    opaque: Vec<PathBuf>,
+}
+
+impl LayerState {
+    fn touch(&mut self, root: &Path, path: PathBuf) {
+        let mut up = path.parent();
+        while let Some(p) = up {
+            if p == root || !p.starts_with(root) || !self.ancestors.insert(p.to_path_buf()) {
+                break;
+            }
+            up = p.parent();
+        }
+        self.touched.insert(path);
+    }
 }
 
 fn remove_any(path: &Path) -> Result<()> {
@@ -497,10 +716,17 @@ struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
     bytes: u64,
+    /// Past this many bytes the stream is refused (checked by the caller to name the limit).
+    limit: u64,
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.bytes > self.limit {
+            return Err(io::Error::other(
+                "layer exceeds the uncompressed size limit",
+            ));
+        }
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;

@@ -327,11 +327,10 @@ async fn corrupt_truncated_and_too_small_inputs_fail_cleanly() {
     let img = TestImage::new(vec![tar(&[Item::File("f", &[7u8; 4096], 0o644)])]);
     img.write_oci_dir(&oci, "v1");
     let (_, gz, _) = img.blobs();
-    std::fs::write(
-        oci.join("blobs/sha256").join(sha256_hex(&gz[0])),
-        b"tampered",
-    )
-    .unwrap();
+    // Same length, one byte changed: only the digest can tell.
+    let mut tampered = gz[0].clone();
+    tampered[10] ^= 0xff;
+    std::fs::write(oci.join("blobs/sha256").join(sha256_hex(&gz[0])), tampered).unwrap();
     let (paths, req) = request(home.path(), "tampered", oci_origin(&oci, None));
     let e = build(&req, &paths, &NoProgress).await.unwrap_err();
     assert!(matches!(e, Error::DigestMismatch { .. }), "{e:?}");

@@ -103,6 +103,7 @@ pub async fn ensure_image(
         platform: "linux/amd64".into(),
         insecure: false,
         agent: agent.to_path_buf(),
+        limits: infra_image::UnpackLimits::default(),
     };
     infra_image::build(&req, paths, progress).await?;
     Ok(image)

@@ -1,8 +1,11 @@
 //! Local archives with skopeo's transport names: `docker-archive:PATH` (`docker save`),
 //! `oci-archive:PATH` (an OCI layout in a tar) and `oci:DIR` (an OCI layout directory).
 //!
-//! Archives are unpacked into the build's work directory with the same path checks as layers, and
-//! every blob is verified against its digest before use.
+//! Archives are never extracted: a [`TarIndex`] maps member names to their data inside the
+//! archive, JSON documents are read from there with a size cap, and layers are handed to the
+//! unpacker as regions of the archive file. Links inside the archive are resolved by name within
+//! the archive (nothing is created on disk that a later member could write through). Every blob
+//! named by a digest is verified as it is read: small JSON blobs here, layers by the unpacker.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -10,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{check_digest, parse_config, verify_file_digest, FetchedImage, LayerFile};
+use super::tarindex::{Region, TarIndex, MAX_JSON_BYTES};
+use super::{check_digest, parse_config, FetchedImage, LayerFile};
 use crate::error::{Error, IoContext, Result};
 
 fn bad(path: &Path, reason: impl Into<String>) -> Error {
@@ -20,102 +24,35 @@ fn bad(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-/// Extracts a tar archive (regular files and directories only) under `dest`, refusing escapes.
-fn extract_plain(archive: &Path, dest: &Path) -> Result<()> {
-    let f = fs::File::open(archive).ctx("open", archive)?;
-    let mut tar = tar::Archive::new(std::io::BufReader::new(f));
-    for entry in tar
-        .entries()
-        .map_err(|e| bad(archive, format!("not a tar archive: {e}")))?
-    {
-        let mut entry = entry.map_err(|e| bad(archive, format!("corrupt or truncated: {e}")))?;
-        let path = entry
-            .path()
-            .map_err(|e| bad(archive, e.to_string()))?
-            .into_owned();
-        if path.is_absolute()
-            || path
-                .components()
-                .any(|c| matches!(c, std::path::Component::ParentDir))
-        {
-            return Err(Error::HostileEntry {
-                layer: archive.display().to_string(),
-                entry: path.display().to_string(),
-                reason: "path escapes the archive root".into(),
-            });
-        }
-        match entry.header().entry_type() {
-            tar::EntryType::Directory => {
-                fs::create_dir_all(dest.join(&path)).ctx("create", dest.join(&path))?
-            }
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let out = dest.join(&path);
-                if let Some(p) = out.parent() {
-                    fs::create_dir_all(p).ctx("create", p)?;
-                }
-                let mut file = fs::File::create(&out).ctx("create", &out)?;
-                std::io::copy(&mut entry, &mut file)
-                    .map_err(|e| bad(archive, format!("corrupt or truncated: {e}")))?;
-            }
-            // Symlinks inside `docker save` output point layer.tar names at shared blobs.
-            tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name()
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| bad(archive, "symlink without target"))?;
-                let out = dest.join(&path);
-                let resolved = out.parent().unwrap_or(dest).join(&target);
-                let normal = normalize_lexically(&resolved);
-                if !normal.starts_with(dest) {
-                    return Err(Error::HostileEntry {
-                        layer: archive.display().to_string(),
-                        entry: path.display().to_string(),
-                        reason: "symlink points outside the archive".into(),
-                    });
-                }
-                if let Some(p) = out.parent() {
-                    fs::create_dir_all(p).ctx("create", p)?;
-                }
-                std::os::unix::fs::symlink(&target, &out).ctx("create symlink", &out)?;
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 /// Every layer must have its diff_id in the config, or it could not be verified.
-fn check_layer_count(path: &Path, layers: usize, diff_ids: usize) -> Result<()> {
+pub(crate) fn check_layer_count(path: &Path, layers: usize, diff_ids: usize) -> Result<()> {
     if layers != diff_ids {
         return Err(bad(
             path,
-            format!("{layers} layers but {diff_ids} diff_ids in the config"),
+            format!("{layers} layers but {diff_ids} diff_ids in the config: the uncompressed layers could not be verified"),
         ));
     }
     Ok(())
 }
 
-fn normalize_lexically(p: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            std::path::Component::ParentDir => {
-                out.pop();
-            }
-            std::path::Component::CurDir => {}
-            other => out.push(other),
-        }
+/// Compares in-memory bytes with their digest.
+fn verify_bytes(origin: &Path, what: &str, bytes: &[u8], digest: &str) -> Result<()> {
+    use sha2::Digest;
+    let hex = check_digest(digest).map_err(|r| bad(origin, r))?;
+    let actual = hex::encode(sha2::Sha256::digest(bytes));
+    if actual != hex {
+        return Err(Error::DigestMismatch {
+            what: format!("{what} in {}", origin.display()),
+            expected: digest.to_string(),
+            actual: format!("sha256:{actual}"),
+        });
     }
-    out
+    Ok(())
 }
 
-/// Reads a `docker save` archive (legacy layout with `manifest.json`; newer ones are also OCI layouts).
-pub fn fetch_docker_archive(
-    path: &Path,
-    reference: Option<&str>,
-    workdir: &Path,
-) -> Result<FetchedImage> {
+/// Reads a `docker save` archive in place (legacy layout with `manifest.json`; newer ones are
+/// also OCI layouts, with `blobs/sha256/…` members).
+pub fn fetch_docker_archive(path: &Path, reference: Option<&str>) -> Result<FetchedImage> {
     #[derive(Deserialize)]
     #[serde(rename_all = "PascalCase")]
     struct Entry {
@@ -124,13 +61,11 @@ pub fn fetch_docker_archive(
         repo_tags: Option<Vec<String>>,
         layers: Vec<String>,
     }
-    let dir = workdir.join("archive");
-    fs::create_dir_all(&dir).ctx("create", &dir)?;
-    extract_plain(path, &dir)?;
-    let manifest_path = dir.join("manifest.json");
-    let text = fs::read(&manifest_path)
-        .map_err(|_| bad(path, "no manifest.json: not a `docker save` archive"))?;
-    let entries: Vec<Entry> = serde_json::from_slice(&text)
+    let index = TarIndex::open(path)?;
+    if !index.contains("manifest.json") {
+        return Err(bad(path, "no manifest.json: not a `docker save` archive"));
+    }
+    let entries: Vec<Entry> = serde_json::from_slice(&index.read_small("manifest.json")?)
         .map_err(|e| bad(path, format!("manifest.json is invalid: {e}")))?;
     let entry =
         match reference {
@@ -144,39 +79,22 @@ pub fn fetch_docker_archive(
                 })
                 .ok_or_else(|| bad(path, format!("no image tagged {r} in the archive")))?,
             None if entries.len() == 1 => &entries[0],
+            None if entries.is_empty() => return Err(bad(path, "manifest.json lists no image")),
             None => return Err(bad(
                 path,
                 "the archive holds several images: add :REF (e.g. docker-archive:x.tar:name:tag)",
             )),
         };
-    let inside = |name: &str| -> Result<PathBuf> {
-        let p = Path::new(name);
-        if p.is_absolute()
-            || p.components()
-                .any(|c| matches!(c, std::path::Component::ParentDir))
-        {
-            return Err(bad(
-                path,
-                format!("manifest names a file outside the archive: {name}"),
-            ));
-        }
-        Ok(dir.join(p))
-    };
-    let config_path = inside(&entry.config)?;
-    let config_bytes = fs::read(&config_path)
-        .map_err(|_| bad(path, format!("missing config {}", entry.config)))?;
-    // Config file names are content digests in both the legacy and the OCI-style layout.
-    let config_hex = Path::new(&entry.config)
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or_default();
-    let config_hex = Path::new(&entry.config)
+    let config_bytes = index.read_small(&entry.config)?;
+    // Config members are named by their digest in both layouts (`<hex>.json`, `blobs/sha256/<hex>`).
+    let name = Path::new(&entry.config)
         .file_name()
         .and_then(|s| s.to_str())
-        .filter(|n| n.len() == 64)
-        .unwrap_or(config_hex);
-    if config_hex.len() == 64 {
-        verify_file_digest(&config_path, &format!("sha256:{config_hex}"))?;
+        .unwrap_or_default();
+    let config_hex = name.strip_suffix(".json").unwrap_or(name);
+    let config_digest = format!("sha256:{config_hex}");
+    if check_digest(&config_digest).is_ok() {
+        verify_bytes(path, "image config", &config_bytes, &config_digest)?;
     }
     let (config, diff_ids, platform) = parse_config(&config_bytes).map_err(|r| bad(path, r))?;
     check_layer_count(path, entry.layers.len(), diff_ids.len())?;
@@ -185,18 +103,23 @@ pub fn fetch_docker_archive(
         .iter()
         .zip(&diff_ids)
         .map(|(l, d)| {
+            let region = index.find(l)?;
+            // OCI-style members carry their digest in the name; legacy `<id>/layer.tar` members are
+            // uncompressed, so the diff_id check covers them.
+            let digest = match l.strip_prefix("blobs/sha256/") {
+                Some(hex) if check_digest(&format!("sha256:{hex}")).is_ok() => {
+                    format!("sha256:{hex}")
+                }
+                _ => l.clone(),
+            };
             Ok(LayerFile {
-                path: inside(l)?,
-                digest: l.clone(),
+                path: path.to_path_buf(),
+                region: Some(region),
+                digest,
                 diff_id: Some(d.clone()),
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    for l in &layers {
-        if !l.path.is_file() {
-            return Err(bad(path, format!("missing layer {}", l.digest)));
-        }
-    }
     Ok(FetchedImage {
         kind: "docker-archive".into(),
         reference: entry
@@ -206,29 +129,78 @@ pub fn fetch_docker_archive(
             .next()
             .cloned()
             .unwrap_or_else(|| path.display().to_string()),
-        digest: Some(format!("sha256:{}", config_hex)),
+        digest: check_digest(&config_digest)
+            .is_ok()
+            .then_some(config_digest),
         platform,
         layers,
         config,
     })
 }
 
-/// Extracts an `oci-archive:` tar and reads it as an OCI layout.
+/// Reads an `oci-archive:` tar in place as an OCI layout.
 pub fn fetch_oci_archive(
     path: &Path,
     reference: Option<&str>,
     platform: &str,
-    workdir: &Path,
 ) -> Result<FetchedImage> {
-    let dir = workdir.join("oci");
-    fs::create_dir_all(&dir).ctx("create", &dir)?;
-    extract_plain(path, &dir)?;
-    let mut img = fetch_oci_dir(&dir, reference, platform)?;
+    let index = TarIndex::open(path)?;
+    let mut img = read_layout(&Layout::Archive(&index), reference, platform)?;
     img.kind = "oci-archive".into();
-    if img.reference.starts_with(&dir.display().to_string()) {
-        img.reference = path.display().to_string();
-    }
     Ok(img)
+}
+
+/// Reads an OCI image layout directory (`oci-layout`, `index.json`, `blobs/sha256/…`).
+pub fn fetch_oci_dir(dir: &Path, reference: Option<&str>, platform: &str) -> Result<FetchedImage> {
+    read_layout(&Layout::Dir(dir), reference, platform)
+}
+
+/// Where an OCI layout's members are: a directory, or an archive read in place.
+enum Layout<'a> {
+    Dir(&'a Path),
+    Archive(&'a TarIndex),
+}
+
+impl Layout<'_> {
+    fn origin(&self) -> &Path {
+        match self {
+            Layout::Dir(d) => d,
+            Layout::Archive(i) => i.path(),
+        }
+    }
+
+    /// The file and region holding member `name`.
+    fn locate(&self, name: &str) -> Result<(PathBuf, Option<Region>)> {
+        match self {
+            Layout::Dir(d) => {
+                let p = d.join(name);
+                if !p.is_file() {
+                    return Err(bad(d, format!("{name} is missing")));
+                }
+                Ok((p, None))
+            }
+            Layout::Archive(i) => Ok((i.path().to_path_buf(), Some(i.find(name)?))),
+        }
+    }
+
+    fn read_small(&self, name: &str) -> Result<Vec<u8>> {
+        match self {
+            Layout::Dir(d) => {
+                let p = d.join(name);
+                let len = fs::metadata(&p)
+                    .map_err(|_| bad(d, format!("{name} is missing")))?
+                    .len();
+                if len > MAX_JSON_BYTES {
+                    return Err(bad(
+                        d,
+                        format!("{name} is {len} bytes, more than the {MAX_JSON_BYTES} allowed for a JSON document"),
+                    ));
+                }
+                fs::read(&p).ctx("read", &p)
+            }
+            Layout::Archive(i) => i.read_small(name),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -237,6 +209,8 @@ struct Descriptor {
     #[serde(default)]
     media_type: String,
     digest: String,
+    #[serde(default)]
+    size: Option<u64>,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
     #[serde(default)]
@@ -264,11 +238,18 @@ struct Manifest {
     layers: Vec<Descriptor>,
 }
 
-/// Reads an OCI image layout directory (`oci-layout`, `index.json`, `blobs/sha256/…`).
-pub fn fetch_oci_dir(dir: &Path, reference: Option<&str>, platform: &str) -> Result<FetchedImage> {
-    let index_path = dir.join("index.json");
+/// Reads an OCI layout: `index.json`, then the chosen manifest (through a nested index for
+/// multi-platform images), the config and the layers, all named by digest and verified.
+fn read_layout(
+    layout: &Layout<'_>,
+    reference: Option<&str>,
+    platform: &str,
+) -> Result<FetchedImage> {
+    let dir = layout.origin();
     let index: Index = serde_json::from_slice(
-        &fs::read(&index_path).map_err(|_| bad(dir, "no index.json: not an OCI image layout"))?,
+        &layout
+            .read_small("index.json")
+            .map_err(|_| bad(dir, "no index.json: not an OCI image layout"))?,
     )
     .map_err(|e| bad(dir, format!("index.json is invalid: {e}")))?;
     let chosen = match reference {
@@ -288,23 +269,23 @@ pub fn fetch_oci_dir(dir: &Path, reference: Option<&str>, platform: &str) -> Res
         None => pick_platform(&index.manifests, platform)
             .ok_or_else(|| bad(dir, "several manifests: add :REF"))?,
     };
-    let blob = |d: &Descriptor| -> Result<PathBuf> {
+    let member = |d: &Descriptor| -> Result<String> {
         let hex = check_digest(&d.digest).map_err(|r| bad(dir, r))?;
-        let p = dir.join("blobs/sha256").join(hex);
-        if !p.is_file() {
-            return Err(bad(dir, format!("missing blob {}", d.digest)));
-        }
-        verify_file_digest(&p, &d.digest)?;
-        Ok(p)
+        Ok(format!("blobs/sha256/{hex}"))
+    };
+    // A JSON blob: read with a size cap and checked against its digest.
+    let json_blob = |d: &Descriptor, what: &str| -> Result<Vec<u8>> {
+        let bytes = layout.read_small(&member(d)?)?;
+        verify_bytes(dir, what, &bytes, &d.digest)?;
+        Ok(bytes)
     };
     let mut manifest_desc = chosen;
     let nested;
     if manifest_desc.media_type.contains("index")
         || manifest_desc.media_type.contains("manifest.list")
     {
-        let inner: Index =
-            serde_json::from_slice(&fs::read(blob(manifest_desc)?).ctx("read", dir)?)
-                .map_err(|e| bad(dir, format!("nested index is invalid: {e}")))?;
+        let inner: Index = serde_json::from_slice(&json_blob(manifest_desc, "image index")?)
+            .map_err(|e| bad(dir, format!("nested index is invalid: {e}")))?;
         nested = inner;
         manifest_desc =
             pick_platform(&nested.manifests, platform).ok_or_else(|| Error::PlatformNotFound {
@@ -322,10 +303,9 @@ pub fn fetch_oci_dir(dir: &Path, reference: Option<&str>, platform: &str) -> Res
                     .join(", "),
             })?;
     }
-    let manifest: Manifest =
-        serde_json::from_slice(&fs::read(blob(manifest_desc)?).ctx("read", dir)?)
-            .map_err(|e| bad(dir, format!("manifest is invalid: {e}")))?;
-    let config_bytes = fs::read(blob(&manifest.config)?).ctx("read", dir)?;
+    let manifest: Manifest = serde_json::from_slice(&json_blob(manifest_desc, "manifest")?)
+        .map_err(|e| bad(dir, format!("manifest is invalid: {e}")))?;
+    let config_bytes = json_blob(&manifest.config, "image config")?;
     let (config, diff_ids, plat) = parse_config(&config_bytes).map_err(|r| bad(dir, r))?;
     check_layer_count(dir, manifest.layers.len(), diff_ids.len())?;
     let layers = manifest
@@ -333,8 +313,25 @@ pub fn fetch_oci_dir(dir: &Path, reference: Option<&str>, platform: &str) -> Res
         .iter()
         .zip(diff_ids)
         .map(|(l, d)| {
+            let (path, region) = layout.locate(&member(l)?)?;
+            // The descriptor's size is what the blob must be; the unpacker checks the digest.
+            let actual = match region {
+                Some(r) => r.size,
+                None => fs::metadata(&path).ctx("stat", &path)?.len(),
+            };
+            if l.size.is_some_and(|s| s != actual) {
+                return Err(bad(
+                    dir,
+                    format!(
+                        "layer {} is {actual} bytes but its descriptor says {}",
+                        l.digest,
+                        l.size.unwrap_or_default()
+                    ),
+                ));
+            }
             Ok(LayerFile {
-                path: blob(l)?,
+                path,
+                region,
                 digest: l.digest.clone(),
                 diff_id: Some(d),
             })

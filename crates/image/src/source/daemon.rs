@@ -118,6 +118,7 @@ pub async fn fetch(
         platform,
         layers: vec![LayerFile {
             path: out,
+            region: None,
             digest: format!("docker-export:{name}"),
             diff_id: None,
         }],

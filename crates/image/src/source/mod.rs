@@ -6,6 +6,7 @@
 pub mod archive;
 pub mod daemon;
 pub mod registry;
+pub mod tarindex;
 
 use std::path::{Path, PathBuf};
 
@@ -36,8 +37,11 @@ pub struct ImageConfig {
 /// A layer blob on local disk.
 #[derive(Debug, Clone)]
 pub struct LayerFile {
-    /// Blob path (compressed as published).
+    /// Blob path (compressed as published), or the archive that holds it.
     pub path: PathBuf,
+    /// Where the blob is inside `path` when that is an archive read in place; `None` for a whole
+    /// file.
+    pub region: Option<tarindex::Region>,
     /// `sha256:` digest of the blob, or a description for daemon exports.
     pub digest: String,
     /// Expected digest of the uncompressed tar, when the config lists it.
@@ -130,7 +134,7 @@ impl SourceSpec {
 }
 
 /// Parses an OCI/Docker config blob into the parts we keep, plus diff_ids and platform.
-pub(crate) fn parse_config(
+pub fn parse_config(
     bytes: &[u8],
 ) -> std::result::Result<(ImageConfig, Vec<String>, String), String> {
     #[derive(Deserialize)]
@@ -202,33 +206,82 @@ pub(crate) fn check_digest(d: &str) -> std::result::Result<&str, String> {
     }
 }
 
-/// Hashes a file and compares it with its digest.
-pub(crate) fn verify_file_digest(path: &Path, digest: &str) -> Result<()> {
-    use sha2::Digest;
-    use std::io::Read;
-    let hex = check_digest(digest).map_err(|reason| Error::Archive {
-        path: path.into(),
-        reason,
-    })?;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io("read", path, e))?;
-        if n == 0 {
-            break;
+/// Opens a layer blob for reading: the whole file, or its region of an archive. When the blob
+/// is named by a `sha256:` digest, the bytes are hashed as they are read and
+/// [`BlobReader::finish`] compares them with it: archive members, registry downloads and cached
+/// blobs are all verified the same way, on the bytes actually used.
+pub fn open_layer(layer: &LayerFile) -> Result<BlobReader> {
+    use std::io::{Read, Seek, SeekFrom};
+    let io = |action, e| Error::io(action, &layer.path, e);
+    let mut f = std::fs::File::open(&layer.path).map_err(|e| io("open layer", e))?;
+    let size = match layer.region {
+        Some(r) => {
+            f.seek(SeekFrom::Start(r.offset))
+                .map_err(|e| io("seek in", e))?;
+            r.size
         }
-        h.update(&buf[..n]);
+        None => f.metadata().map_err(|e| io("stat", e))?.len(),
+    };
+    let expected = check_digest(&layer.digest).ok().map(str::to_string);
+    Ok(BlobReader {
+        inner: f.take(size),
+        hasher: expected.as_ref().map(|_| sha2::Sha256::default()),
+        expected,
+        size,
+        read: 0,
+        what: layer.digest.clone(),
+    })
+}
+
+/// A layer's bytes, hashed on the way through (see [`open_layer`]).
+pub struct BlobReader {
+    inner: std::io::Take<std::fs::File>,
+    hasher: Option<sha2::Sha256>,
+    expected: Option<String>,
+    size: u64,
+    read: u64,
+    what: String,
+}
+
+impl std::io::Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(h) = self.hasher.as_mut() {
+            sha2::Digest::update(h, &buf[..n]);
+        }
+        self.read += n as u64;
+        Ok(n)
     }
-    let actual = hex::encode(h.finalize());
-    if actual != hex {
-        return Err(Error::DigestMismatch {
-            what: format!("blob {}", path.display()),
-            expected: digest.to_string(),
-            actual: format!("sha256:{actual}"),
-        });
+}
+
+impl BlobReader {
+    /// Reads what the consumer left (trailing padding), then checks length and digest.
+    pub fn finish(mut self) -> Result<()> {
+        std::io::copy(&mut self, &mut std::io::sink()).map_err(|e| Error::CorruptLayer {
+            layer: self.what.clone(),
+            source: e,
+        })?;
+        if self.read != self.size {
+            return Err(Error::CorruptLayer {
+                layer: self.what.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("blob ends after {} of {} bytes", self.read, self.size),
+                ),
+            });
+        }
+        if let (Some(h), Some(hex)) = (self.hasher.take(), self.expected.as_ref()) {
+            let actual = hex::encode(sha2::Digest::finalize(h));
+            if &actual != hex {
+                return Err(Error::DigestMismatch {
+                    what: format!("layer {}", self.what),
+                    expected: format!("sha256:{hex}"),
+                    actual: format!("sha256:{actual}"),
+                });
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -84,7 +84,9 @@ pub async fn fetch(
             reference: whole.clone(),
             source: reason.into(),
         })?;
-    if !diff_ids.is_empty() && diff_ids.len() != manifest.layers.len() {
+    // Without one diff_id per layer the uncompressed layers could not be verified: refused, never
+    // skipped.
+    if diff_ids.len() != manifest.layers.len() {
         return Err(Error::Registry {
             reference: whole.clone(),
             source: format!(
@@ -116,6 +118,7 @@ pub async fn fetch(
         .enumerate()
         .map(|(i, (l, path))| LayerFile {
             path,
+            region: None,
             digest: l.digest.clone(),
             diff_id: diff_ids.get(i).cloned(),
         })
@@ -196,6 +199,18 @@ async fn download_blob(
         source: reason.into(),
     })?;
     let final_path = blobs.join(hex);
+    if layer.size < 0 {
+        return Err(Error::Registry {
+            reference: whole.into(),
+            source: format!(
+                "layer {} has a negative size in its descriptor",
+                layer.digest
+            )
+            .into(),
+        });
+    }
+    // A cached blob of the right size is used; its digest is checked again as the unpacker reads
+    // it (and the blob removed if it no longer matches).
     if tokio::fs::metadata(&final_path)
         .await
         .is_ok_and(|m| m.len() == layer.size as u64)
@@ -216,12 +231,22 @@ async fn download_blob(
         inner: file,
         progress,
         id: &id,
+        written: 0,
+        limit: layer.size as u64,
     };
     let result = client.pull_blob(image, layer, writer).await;
     progress.transfer_done(&id);
     if let Err(e) = result {
         let _ = tokio::fs::remove_file(&tmp).await;
         return Err(match e {
+            OciDistributionError::IoError(io) if is_oversize(&io) => Error::Registry {
+                reference: whole.into(),
+                source: format!(
+                    "layer {} is larger than the {} bytes its descriptor declares; download stopped",
+                    layer.digest, layer.size
+                )
+                .into(),
+            },
             OciDistributionError::DigestError(d) => Error::DigestMismatch {
                 what: format!("layer {}", layer.digest),
                 expected: layer.digest.clone(),
@@ -353,10 +378,23 @@ fn auth_from_config(text: &str, registry: &str) -> Option<RegistryAuth> {
     Some(RegistryAuth::Basic(u.into(), p.into()))
 }
 
+/// Counts downloaded bytes for the progress bar and stops the download as soon as it passes the
+/// size the descriptor declared (a registry cannot make us store more than it promised).
 struct CountingWriter<'a, W> {
     inner: W,
     progress: &'a dyn Progress,
     id: &'a str,
+    written: u64,
+    limit: u64,
+}
+
+/// The writer's refusal, recognised by type when it comes back through the client.
+#[derive(Debug, thiserror::Error)]
+#[error("blob is larger than its descriptor's size")]
+struct Oversize;
+
+fn is_oversize(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Oversize>())
 }
 
 impl<W: AsyncWrite + Unpin> AsyncWrite for CountingWriter<'_, W> {
@@ -365,8 +403,15 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for CountingWriter<'_, W> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if self.written.saturating_add(buf.len() as u64) > self.limit {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                Oversize,
+            )));
+        }
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
+            self.written += n as u64;
             self.progress.transfer_inc(self.id, n as u64);
         }
         r

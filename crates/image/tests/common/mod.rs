@@ -264,6 +264,12 @@ impl Registry {
         assert_eq!(r.status().as_u16(), 201, "finish upload");
     }
 
+    pub async fn push_blobs(&self, client: &reqwest::Client, repo: &str, blobs: &[&[u8]]) {
+        for b in blobs {
+            self.push_blob(client, repo, b).await;
+        }
+    }
+
     pub async fn push_manifest(
         &self,
         client: &reqwest::Client,
@@ -457,6 +463,7 @@ pub fn request(
         platform: "linux/amd64".into(),
         insecure: false,
         agent: agent_binary(),
+        limits: infra_image::UnpackLimits::default(),
     };
     (paths, req)
 }
