@@ -43,12 +43,15 @@ pub struct VmArgs {
     /// firecracker binary [default: from PATH].
     #[arg(long, env = "INFRA_FIRECRACKER")]
     pub firecracker: Option<PathBuf>,
-    /// Run Firecracker under this jailer binary.
+    /// Firecracker's jailer [default: `jailer` from PATH; required when running as root].
     #[arg(long)]
     pub jailer: Option<PathBuf>,
-    /// uid:gid the jailer drops to.
-    #[arg(long, default_value = "65534:65534")]
-    pub jailer_user: String,
+    /// Run Firecracker as root without its jailer (not recommended).
+    #[arg(long)]
+    pub no_jailer: bool,
+    /// Host uids (and gids) for VMM processes, one per VM: FIRST-LAST.
+    #[arg(long, default_value = "900000-909999", value_parser = clap::value_parser!(infra_vmm::uid::UidRange))]
+    pub vm_uids: infra_vmm::uid::UidRange,
     /// Extra kernel arguments (e.g. `infra.log=debug` for agent logs on the console).
     #[arg(long, default_value = "")]
     pub kernel_args: String,
@@ -73,19 +76,9 @@ impl VmArgs {
         o.qemu = self.qemu.clone();
         o.firecracker = self.firecracker.clone();
         o.extra_args = self.kernel_args.clone();
-        if let Some(j) = &self.jailer {
-            let (uid, gid) = self
-                .jailer_user
-                .split_once(':')
-                .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
-                .context("--jailer-user must be UID:GID")?;
-            o.jailer = Some(infra_vmm::firecracker::Jailer {
-                binary: j.clone(),
-                uid,
-                gid,
-                chroot_base: "/srv/jailer".into(),
-            });
-        }
+        o.jailer = self.jailer.clone();
+        o.no_jailer = self.no_jailer;
+        o.vm_uids = self.vm_uids;
         Ok(Runner::new(o, &paths.cache))
     }
 

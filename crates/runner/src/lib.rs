@@ -47,6 +47,11 @@ pub enum AccelChoice {
     Tcg,
 }
 
+/// Verdict key of Firecracker's KVM probe.
+const FIRECRACKER: &str = "firecracker";
+/// Verdict key of QEMU-KVM's probe.
+const QEMU_KVM: &str = "qemu-kvm";
+
 /// Host-wide runner settings.
 #[derive(Debug, Clone)]
 pub struct RunnerOptions {
@@ -58,8 +63,13 @@ pub struct RunnerOptions {
     pub qemu: Option<PathBuf>,
     /// `firecracker` (default: from `PATH`).
     pub firecracker: Option<PathBuf>,
-    /// Run Firecracker under its jailer.
-    pub jailer: Option<infra_vmm::firecracker::Jailer>,
+    /// The jailer in front of Firecracker: `None` finds `jailer` on `PATH` when running as
+    /// root (Firecracker as root without it is refused unless `no_jailer`).
+    pub jailer: Option<PathBuf>,
+    /// Run Firecracker as root without the jailer (`--no-jailer`).
+    pub no_jailer: bool,
+    /// Uids (and gids) given to VMMs, one per VM.
+    pub vm_uids: infra_vmm::uid::UidRange,
     /// How long a VM may take to boot to a ready agent.
     pub boot_timeout: Duration,
     /// The agent binary that becomes the initramfs `/init` (this executable).
@@ -81,6 +91,8 @@ impl RunnerOptions {
             qemu: None,
             firecracker: None,
             jailer: None,
+            no_jailer: false,
+            vm_uids: infra_vmm::uid::UidRange::default(),
             boot_timeout: Duration::from_secs(120),
             agent: std::env::current_exe()?,
             run_dir: default_run_dir(),
@@ -198,10 +210,18 @@ pub struct Runner {
     cache: PathBuf,
 }
 
-/// The KVM probe's verdict, remembered until the host reboots.
-#[derive(Debug, Serialize, Deserialize)]
-struct KvmVerdict {
+/// The KVM probes' verdicts, one per KVM backend (a Firecracker failure says nothing about
+/// QEMU-KVM), remembered until the host reboots; the latest boot of a backend overwrites its
+/// entry.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct KvmVerdicts {
     boot_id: String,
+    #[serde(default)]
+    backends: std::collections::BTreeMap<String, KvmVerdict>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct KvmVerdict {
     usable: bool,
     reason: String,
 }
@@ -224,23 +244,42 @@ impl Runner {
         self.cache.join("kvm-probe.json")
     }
 
-    /// What an earlier probe found on this boot of the host, if any.
-    pub fn kvm_verdict(&self) -> Option<(bool, String)> {
-        let v: KvmVerdict =
-            serde_json::from_slice(&std::fs::read(self.verdict_path()).ok()?).ok()?;
-        (v.boot_id == boot_id()).then_some((v.usable, v.reason))
+    fn verdicts(&self) -> KvmVerdicts {
+        std::fs::read(self.verdict_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<KvmVerdicts>(&b).ok())
+            .filter(|v| v.boot_id == boot_id())
+            .unwrap_or_default()
     }
 
-    fn record_verdict(&self, usable: bool, reason: &str) {
-        let v = KvmVerdict {
-            boot_id: boot_id(),
-            usable,
-            reason: reason.to_string(),
-        };
+    /// What an earlier probe of `backend` (`firecracker`, `qemu-kvm`) found on this boot of the
+    /// host, if any.
+    pub fn kvm_verdict_of(&self, backend: &str) -> Option<(bool, String)> {
+        self.verdicts()
+            .backends
+            .get(backend)
+            .map(|v| (v.usable, v.reason.clone()))
+    }
+
+    /// What an earlier probe of QEMU-KVM found on this boot of the host, if any.
+    pub fn kvm_verdict(&self) -> Option<(bool, String)> {
+        self.kvm_verdict_of(QEMU_KVM)
+    }
+
+    fn record_verdict(&self, backend: &str, usable: bool, reason: &str) {
+        let mut all = self.verdicts();
+        all.boot_id = boot_id();
+        all.backends.insert(
+            backend.to_string(),
+            KvmVerdict {
+                usable,
+                reason: reason.to_string(),
+            },
+        );
         let _ = std::fs::create_dir_all(&self.cache);
         let _ = infra_config::write_atomic(
             &self.verdict_path(),
-            &serde_json::to_vec_pretty(&v).unwrap_or_default(),
+            &serde_json::to_vec_pretty(&all).unwrap_or_default(),
         );
     }
 
@@ -255,36 +294,58 @@ impl Runner {
         Ok(Backend::Qemu(infra_vmm::qemu::Qemu { binary, accel }))
     }
 
-    fn firecracker(&self) -> Option<Backend> {
-        let binary = infra_vmm::find_binary(self.opts.firecracker.as_deref(), "firecracker")?;
-        Some(Backend::Firecracker(infra_vmm::firecracker::Firecracker {
+    /// Firecracker, under its jailer when we are root (the jailer chroots it and drops it to a
+    /// uid of its own). `Err` says why it cannot be used.
+    fn firecracker(&self) -> Result<Backend, RunError> {
+        let binary = infra_vmm::find_binary(self.opts.firecracker.as_deref(), "firecracker")
+            .ok_or_else(|| {
+                RunError::Prerequisite(
+                    "firecracker not found on PATH; install it from https://github.com/firecracker-microvm/firecracker/releases or pass --firecracker PATH".into(),
+                )
+            })?;
+        let jailed = nix::unistd::geteuid().is_root() && !self.opts.no_jailer;
+        let jailer = if jailed {
+            let jb = infra_vmm::find_binary(self.opts.jailer.as_deref(), "jailer").ok_or_else(|| {
+                RunError::Prerequisite(
+                    "firecracker runs as root only under its jailer, and no jailer was found: install it beside firecracker (same release), pass --jailer PATH, or --no-jailer to run it unjailed".into(),
+                )
+            })?;
+            Some(infra_vmm::firecracker::Jailer {
+                binary: jb,
+                uids: self.opts.vm_uids,
+                chroot_base: "/srv/jailer".into(),
+            })
+        } else {
+            None
+        };
+        Ok(Backend::Firecracker(infra_vmm::firecracker::Firecracker {
             binary,
-            jailer: self.opts.jailer.clone(),
+            jailer,
         }))
     }
 
     /// Backends to try, in order. Each KVM candidate is proven by its boot; a failure is
     /// remembered and the next candidate is used.
-    fn candidates(&self, verdict: Option<bool>) -> Result<Vec<Backend>, RunError> {
-        let kvm_ok = infra_vmm::kvm_openable() && verdict.unwrap_or(true);
+    fn candidates(&self) -> Result<Vec<Backend>, RunError> {
+        let openable = infra_vmm::kvm_openable();
+        let usable = |b: &str| openable && self.kvm_verdict_of(b).is_none_or(|(ok, _)| ok);
         let mut out = Vec::new();
         match self.opts.backend {
             BackendChoice::Firecracker => {
-                out.push(self.firecracker().ok_or_else(|| {
-                    RunError::Prerequisite(
-                        "firecracker not found on PATH; install it from https://github.com/firecracker-microvm/firecracker/releases or pass --firecracker PATH".into(),
-                    )
-                })?);
+                out.push(self.firecracker()?);
                 return Ok(out);
             }
-            BackendChoice::Auto if kvm_ok => out.extend(self.firecracker()),
+            BackendChoice::Auto if usable(FIRECRACKER) => match self.firecracker() {
+                Ok(b) => out.push(b),
+                Err(e) => tracing::debug!(reason = %e, "firecracker not used"),
+            },
             _ => {}
         }
         match self.opts.accel {
             AccelChoice::Kvm => out.push(self.qemu(Accel::Kvm)?),
             AccelChoice::Tcg => out.push(self.qemu(Accel::Tcg)?),
             AccelChoice::Auto => {
-                if kvm_ok {
+                if usable(QEMU_KVM) {
                     out.push(self.qemu(Accel::Kvm)?);
                 }
                 out.push(self.qemu(Accel::Tcg)?);
@@ -321,15 +382,18 @@ impl Runner {
             extra_args: self.opts.extra_args.clone(),
             run_dir: self.opts.run_dir.clone(),
         };
-        let verdict = self.kvm_verdict().map(|(ok, _)| ok);
-        let proven = verdict == Some(true);
-        let candidates = self.candidates(verdict)?;
+        let candidates = self.candidates()?;
         let last = candidates.len() - 1;
         for (i, backend) in candidates.into_iter().enumerate() {
-            let uses_kvm = match &backend {
-                Backend::Firecracker(_) => true,
-                Backend::Qemu(q) => q.accel == Accel::Kvm,
+            let probe = match &backend {
+                Backend::Firecracker(_) => Some(FIRECRACKER),
+                Backend::Qemu(q) if q.accel == Accel::Kvm => Some(QEMU_KVM),
+                Backend::Qemu(_) => None,
             };
+            let uses_kvm = probe.is_some();
+            let proven = probe
+                .and_then(|p| self.kvm_verdict_of(p))
+                .is_some_and(|(ok, _)| ok);
             // An unproven KVM gets a short leash: when it is broken, the guest dies or
             // stalls early, and the fallback still has its full boot timeout.
             let timeout = if uses_kvm && !proven && i < last {
@@ -339,15 +403,17 @@ impl Runner {
             };
             match boot_one(&backend, &cfg, timeout).await {
                 Ok(ready) => {
-                    if uses_kvm && !proven {
-                        self.record_verdict(true, "a probe boot reached the agent");
+                    if let (Some(p), false) = (probe, proven) {
+                        self.record_verdict(p, true, "a probe boot reached the agent");
                     }
                     return Ok(ready);
                 }
                 Err(e) if uses_kvm && i < last && self.opts.accel == AccelChoice::Auto => {
                     tracing::warn!(backend = backend.name(), error = %e, "KVM boot failed; falling back");
                     let first_line = e.to_string().lines().next().unwrap_or("").to_string();
-                    self.record_verdict(false, &first_line);
+                    if let Some(p) = probe {
+                        self.record_verdict(p, false, &first_line);
+                    }
                 }
                 Err(e) => return Err(e),
             }

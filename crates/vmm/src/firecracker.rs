@@ -14,23 +14,100 @@ use tokio::net::UnixStream;
 use tokio::process::Command;
 
 use crate::error::VmError;
+use crate::uid::UidRange;
 use crate::vm::{spawn, vm_dir, AgentEndpoint, Vm, VmConfig, AGENT_PORT, FAST_BOOT_ARGS};
 
 /// Guest context id of the VM's vsock device (any value ≥ 3 works; each VM has its own
 /// device, so they do not clash).
 pub const GUEST_CID: u32 = 3;
 
-/// Optional jailer (chroot, cgroups, uid/gid drop) in front of Firecracker.
+/// The jailer (chroot, cgroups, uid/gid drop) in front of Firecracker.
 #[derive(Debug, Clone)]
 pub struct Jailer {
     /// `jailer` binary.
     pub binary: PathBuf,
-    /// uid Firecracker runs as.
-    pub uid: u32,
-    /// gid Firecracker runs as.
-    pub gid: u32,
+    /// Each VM runs as its own uid (and gid of the same number) from this range.
+    pub uids: UidRange,
     /// `--chroot-base-dir` (jailer default `/srv/jailer`).
     pub chroot_base: PathBuf,
+}
+
+/// Prefix of the jail ids we create: `infra-<runner pid>-<n>`, so stale jails of dead runners
+/// can be found and removed.
+const JAIL_PREFIX: &str = "infra-";
+
+/// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Removes a jail directory when dropped (the VM stopped, failed to start, or the runner is
+/// unwinding).
+#[derive(Debug)]
+pub(crate) struct JailGuard(pub(crate) PathBuf);
+
+impl Drop for JailGuard {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(jail = %self.0.display(), error = %e, "cannot remove the jail");
+            }
+        }
+    }
+}
+
+/// Removes jails under `exec_dir` whose runner process is gone (a runner killed with SIGKILL
+/// cannot clean up, and the jailer's uid change drops the parent-death signal).
+pub fn remove_stale_jails(exec_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(exec_dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(JAIL_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let alive = pid > 0
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                .map_or_else(|e| e != nix::errno::Errno::ESRCH, |_| true);
+        if !alive && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Refuses a Unix socket path the kernel cannot bind or connect to.
+pub fn check_socket_path(path: &Path) -> Result<(), VmError> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(VmError::Start {
+            backend: "firecracker",
+            detail: format!(
+                "socket path {} is {len} bytes, over the {MAX_SOCKET_PATH} a Unix socket allows; use a shorter --chroot-base-dir or run directory",
+                path.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The last `max` bytes of a log file, as text (for errors).
+pub(crate) fn log_tail(path: &Path, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut buf = Vec::new();
+    let _ = f.take(max).read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join(" / ")
 }
 
 /// How to run Firecracker.
@@ -127,44 +204,59 @@ impl Firecracker {
         ]
     }
 
-    /// The jailer's argv, and the chroot it will create.
-    pub fn jailer_command(j: &Jailer, firecracker: &Path, id: &str) -> (Vec<String>, PathBuf) {
-        let exec_name = firecracker
+    /// The jailer's argv and the jail directory it will create (`<base>/<exec name>/<id>`),
+    /// computed as the jailer computes it: from the canonical exec file and chroot base.
+    pub fn jailer_command(
+        j: &Jailer,
+        firecracker: &Path,
+        id: &str,
+        uid: u32,
+    ) -> Result<(Vec<String>, PathBuf), VmError> {
+        let canon = |p: &Path| {
+            std::fs::canonicalize(p).map_err(|e| VmError::io(format!("resolve {}", p.display()), e))
+        };
+        let exec = canon(firecracker)?;
+        let base = canon(&j.chroot_base)?;
+        let exec_name = exec
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "firecracker".into());
-        let root = j.chroot_base.join(&exec_name).join(id).join("root");
+        let jail = base.join(&exec_name).join(id);
         let argv = vec![
             "--id".into(),
             id.into(),
             "--exec-file".into(),
-            firecracker.display().to_string(),
+            exec.display().to_string(),
             "--uid".into(),
-            j.uid.to_string(),
+            uid.to_string(),
             "--gid".into(),
-            j.gid.to_string(),
+            uid.to_string(),
             "--chroot-base-dir".into(),
-            j.chroot_base.display().to_string(),
+            base.display().to_string(),
             "--".into(),
             "--api-sock".into(),
             "/api.sock".into(),
         ];
-        (argv, root)
+        Ok((argv, jail))
     }
 
     /// Starts Firecracker, configures the VM through the API and starts it.
     pub async fn start(&self, cfg: &VmConfig) -> Result<Vm, VmError> {
         let dir = vm_dir(&cfg.run_dir)?;
-        let id = dir
-            .path()
-            .file_name()
-            .map(|n| {
-                n.to_string_lossy()
-                    .replace(|c: char| !c.is_ascii_alphanumeric(), "-")
-            })
-            .unwrap_or_else(|| "vm".into());
+        let id = format!(
+            "{JAIL_PREFIX}{}-{}",
+            std::process::id(),
+            dir.path()
+                .file_name()
+                .map(|n| n
+                    .to_string_lossy()
+                    .replace(|c: char| !c.is_ascii_alphanumeric(), ""))
+                .unwrap_or_default()
+        );
         let console = dir.path().join("console.log");
-        let (cmd, api_sock, guest, host_vsock) = match &self.jailer {
+        let mut jail_guard = None;
+        let mut lease = None;
+        let (cmd, api_sock, guest, host_vsock, fc_log) = match &self.jailer {
             None => {
                 let mut cmd = Command::new(&self.binary);
                 let api = dir.path().join("api.sock");
@@ -181,11 +273,28 @@ impl Firecracker {
                     std::fs::File::create(f).map_err(|e| VmError::io("create log files", e))?;
                 }
                 let vsock = g.vsock.clone();
-                (cmd, api, g, vsock)
+                let log = g.log.clone();
+                (cmd, api, g, vsock, log)
             }
             Some(j) => {
-                let (argv, root) = Self::jailer_command(j, &self.binary, &id);
-                // The jail sees only what is linked into its root.
+                std::fs::create_dir_all(&j.chroot_base)
+                    .map_err(|e| VmError::io(format!("create {}", j.chroot_base.display()), e))?;
+                let l = crate::uid::lease(j.uids, &cfg.run_dir.join("uids"))?;
+                let uid = l.uid();
+                lease = Some(l);
+                let (argv, jail) = Self::jailer_command(j, &self.binary, &id, uid)?;
+                if let Some(exec_dir) = jail.parent() {
+                    let n = remove_stale_jails(exec_dir);
+                    if n > 0 {
+                        tracing::info!(removed = n, "removed jails of runners that died");
+                    }
+                }
+                let root = jail.join("root");
+                check_socket_path(&root.join("api.sock"))?;
+                check_socket_path(&root.join(format!("vsock.sock_{AGENT_PORT}")))?;
+                jail_guard = Some(JailGuard(jail.clone()));
+                // The jail sees only what is placed in its root, and Firecracker runs there as
+                // `uid`: every file must be readable by it without changing the originals.
                 std::fs::create_dir_all(&root)
                     .map_err(|e| VmError::io(format!("create jail {}", root.display()), e))?;
                 for (src, name) in [
@@ -193,16 +302,12 @@ impl Firecracker {
                     (&cfg.initramfs, "initrd"),
                     (&cfg.rootfs, "rootfs.ext4"),
                 ] {
-                    link_or_copy(src, &root.join(name))?;
+                    place_in_jail(src, &root.join(name), uid)?;
                 }
                 for name in ["firecracker.log", "metrics.json"] {
-                    std::fs::File::create(root.join(name))
-                        .map_err(|e| VmError::io("create log files", e))?;
-                    let _ = nix::unistd::chown(
-                        &root.join(name),
-                        Some(nix::unistd::Uid::from_raw(j.uid)),
-                        Some(nix::unistd::Gid::from_raw(j.gid)),
-                    );
+                    let p = root.join(name);
+                    std::fs::File::create(&p).map_err(|e| VmError::io("create log files", e))?;
+                    chown(&p, uid)?;
                 }
                 let mut cmd = Command::new(&j.binary);
                 cmd.args(&argv);
@@ -214,41 +319,67 @@ impl Firecracker {
                     log: "/firecracker.log".into(),
                     metrics: "/metrics.json".into(),
                 };
-                (cmd, root.join("api.sock"), g, root.join("vsock.sock"))
+                let log = root.join("firecracker.log");
+                (cmd, root.join("api.sock"), g, root.join("vsock.sock"), log)
             }
         };
+        check_socket_path(&api_sock)?;
         let mut child = spawn(cmd, &console).map_err(|e| VmError::Start {
             backend: "firecracker",
             detail: format!("cannot run {}: {e}", self.binary.display()),
         })?;
-        let mut ready = false;
-        for _ in 0..200 {
-            if api_sock.exists() {
-                ready = true;
+        let said = |console: &Path| {
+            let mut parts = vec![log_tail(console, 4096), log_tail(&fc_log, 4096)];
+            parts.retain(|p| !p.is_empty());
+            if parts.is_empty() {
+                String::new()
+            } else {
+                format!("; firecracker said: {}", parts.join(" / "))
+            }
+        };
+        // The socket file can exist before Firecracker accepts on it: connect until it answers.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if UnixStream::connect(&api_sock).await.is_ok() {
                 break;
             }
             if let Ok(Some(st)) = child.try_wait() {
                 return Err(VmError::Start {
                     backend: "firecracker",
+                    detail: format!("exited with {st}{}", said(&console)),
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(VmError::Start {
+                    backend: "firecracker",
                     detail: format!(
-                        "exited with {st}: {}",
-                        std::fs::read_to_string(&console).unwrap_or_default().trim()
+                        "its API socket {} did not accept connections within 5 s{}",
+                        api_sock.display(),
+                        said(&console)
                     ),
                 });
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        if !ready {
-            return Err(VmError::Start {
-                backend: "firecracker",
-                detail: format!(
-                    "API socket {} did not appear within 5 s",
-                    api_sock.display()
-                ),
-            });
-        }
         for call in Self::api_calls(cfg, &guest) {
-            api_request(&api_sock, &call).await?;
+            if let Err(e) = api_request(&api_sock, &call).await {
+                let _ = child.start_kill();
+                let extra = said(&console);
+                return Err(match e {
+                    VmError::Api {
+                        method,
+                        path,
+                        status,
+                        body,
+                    } => VmError::Api {
+                        method,
+                        path,
+                        status,
+                        body: format!("{body}{extra}"),
+                    },
+                    other => other,
+                });
+            }
         }
         Ok(Vm {
             backend: "firecracker",
@@ -256,23 +387,43 @@ impl Firecracker {
             child,
             dir,
             console,
-            vmm_log: None,
+            vmm_log: Some(fc_log),
             endpoint: AgentEndpoint::HybridVsock {
                 uds: host_vsock,
                 port: AGENT_PORT,
             },
+            _jail: jail_guard,
+            _uid: lease,
         })
     }
 }
 
-fn link_or_copy(src: &Path, dst: &Path) -> Result<(), VmError> {
+fn chown(path: &Path, uid: u32) -> Result<(), VmError> {
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(uid)),
+    )
+    .map_err(|e| VmError::io(format!("chown {}", path.display()), e.into()))
+}
+
+/// Makes `src` readable at `dst` for `uid`: a hard link when everyone may already read it (the
+/// shared image stays shared), else a private copy owned by `uid` (the originals keep their
+/// owners and modes; e.g. the initramfs is 0600).
+fn place_in_jail(src: &Path, dst: &Path, uid: u32) -> Result<(), VmError> {
+    use std::os::unix::fs::PermissionsExt;
+    let world_readable = std::fs::metadata(src)
+        .map(|m| m.permissions().mode() & 0o004 != 0)
+        .unwrap_or(false);
     let _ = std::fs::remove_file(dst);
-    if std::fs::hard_link(src, dst).is_ok() {
+    if world_readable && std::fs::hard_link(src, dst).is_ok() {
         return Ok(());
     }
     std::fs::copy(src, dst)
-        .map(|_| ())
-        .map_err(|e| VmError::io(format!("copy {} into the jail", src.display()), e))
+        .map_err(|e| VmError::io(format!("copy {} into the jail", src.display()), e))?;
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o400))
+        .map_err(|e| VmError::io(format!("chmod {}", dst.display()), e))?;
+    chown(dst, uid)
 }
 
 /// Sends one API request over the Unix socket; a non-2xx answer becomes [`VmError::Api`] with
@@ -382,18 +533,26 @@ mod tests {
 
     #[test]
     fn jailer_argv_and_chroot() {
+        let t = tempfile::tempdir().unwrap();
+        let real = t.path().join("firecracker-v1");
+        std::fs::write(&real, b"").unwrap();
+        std::os::unix::fs::symlink(&real, t.path().join("firecracker")).unwrap();
         let j = Jailer {
             binary: "/usr/bin/jailer".into(),
-            uid: 123,
-            gid: 456,
-            chroot_base: "/srv/jailer".into(),
+            uids: UidRange::default(),
+            chroot_base: t.path().to_path_buf(),
         };
-        let (argv, root) =
-            Firecracker::jailer_command(&j, Path::new("/usr/bin/firecracker"), "vm-a");
-        assert_eq!(root, Path::new("/srv/jailer/firecracker/vm-a/root"));
+        let (argv, jail) =
+            Firecracker::jailer_command(&j, &t.path().join("firecracker"), "vm-a", 900_001)
+                .unwrap();
+        let base = std::fs::canonicalize(t.path()).unwrap();
+        assert_eq!(jail, base.join("firecracker-v1/vm-a"));
         let s = argv.join(" ");
         assert!(
-            s.starts_with("--id vm-a --exec-file /usr/bin/firecracker --uid 123 --gid 456"),
+            s.starts_with(&format!(
+                "--id vm-a --exec-file {} --uid 900001 --gid 900001",
+                base.join("firecracker-v1").display()
+            )),
             "{s}"
         );
         assert!(s.ends_with("-- --api-sock /api.sock"), "{s}");

@@ -16,6 +16,7 @@ pub mod initramfs;
 pub mod kernel;
 pub mod modules;
 pub mod qemu;
+pub mod uid;
 mod vm;
 pub mod vmlinux;
 

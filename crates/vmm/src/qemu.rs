@@ -140,6 +140,8 @@ impl Qemu {
             console,
             vmm_log: Some(log),
             endpoint: AgentEndpoint::Stream(sock),
+            _jail: None,
+            _uid: None,
         })
     }
 }

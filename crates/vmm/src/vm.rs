@@ -87,6 +87,10 @@ pub struct Vm {
     /// The VMM's own stderr when it is not the console (QEMU).
     pub(crate) vmm_log: Option<PathBuf>,
     pub(crate) endpoint: AgentEndpoint,
+    /// Firecracker's jail, removed after the VMM is killed (fields drop in order).
+    pub(crate) _jail: Option<crate::firecracker::JailGuard>,
+    /// The VMM's own uid, released last.
+    pub(crate) _uid: Option<crate::uid::UidLease>,
 }
 
 /// Agent port inside the guest (vsock), same number as the seeds' service.
