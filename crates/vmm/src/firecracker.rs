@@ -232,7 +232,7 @@ impl Firecracker {
                     backend: "firecracker",
                     detail: format!(
                         "exited with {st}: {}",
-                        std::fs::read_to_string(&console).unwrap_or_default().trim()
+                        crate::vm::read_tail(&console, crate::vm::LOG_TAIL_BYTES).trim()
                     ),
                 });
             }
