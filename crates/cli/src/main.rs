@@ -159,13 +159,26 @@ fn exit_code(e: &anyhow::Error) -> i32 {
         Some(E::Usage(_) | E::TooSmall { .. } | E::Language(_)) => exit::USAGE,
         _ if e.downcast_ref::<infra_languages::Error>().is_some() => exit::USAGE,
         _ if e.downcast_ref::<Missing>().is_some() => exit::PREREQUISITE,
-        _ => match e.downcast_ref::<infra_runner::RunError>() {
-            Some(infra_runner::RunError::Usage(_)) => exit::USAGE,
-            Some(infra_runner::RunError::Prerequisite(_) | infra_runner::RunError::Kernel(_)) => {
-                exit::PREREQUISITE
+        _ => {
+            use infra_runner::RunError as R;
+            match e.downcast_ref::<R>() {
+                Some(R::Usage(_)) => exit::USAGE,
+                Some(R::Prerequisite(_) | R::Kernel(_)) => exit::PREREQUISITE,
+                Some(R::VersionMismatch { .. }) => exit::PREREQUISITE,
+                // A guest that breaks the protocol, goes silent or closes: a sandbox failure
+                // (125 for `run`/`host`, see `main`), never a crash of this process.
+                Some(
+                    R::Vm(_)
+                    | R::Image(_)
+                    | R::AgentSend { .. }
+                    | R::AgentRead { .. }
+                    | R::AgentClosed
+                    | R::AgentSilent { .. }
+                    | R::Protocol { .. }
+                    | R::Refused { .. },
+                )
+                | None => exit::FAILURE,
             }
-            Some(infra_runner::RunError::VersionMismatch { .. }) => exit::PREREQUISITE,
-            _ => exit::FAILURE,
-        },
+        }
     }
 }

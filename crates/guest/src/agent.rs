@@ -388,9 +388,23 @@ async fn handle_conn(shared: Arc<Shared>, stream: Box<dyn Conn>, peer: String) {
         let ack = Arc::clone(&written);
         let writer = tokio::spawn(async move {
             while let Some(r) = rx.recv().await {
-                if let Err(e) = write_message_async(&mut wr, &r).await {
-                    tracing::debug!(error = %e, "write failed; closing");
-                    break;
+                match write_message_async(&mut wr, &r).await {
+                    Ok(()) => {}
+                    // Nothing was written (the frame is checked before the first byte goes
+                    // out), so the stream is in step: answer with an error and go on.
+                    Err(e @ (FrameError::TooLarge { .. } | FrameError::Encode(_))) => {
+                        tracing::warn!(error = %e, "reply cannot be sent; sending an error instead");
+                        let err = Reply::error(r.id(), ErrorCode::TooLarge, format!("reply not sent: {e}"));
+                        if let Err(e) = write_message_async(&mut wr, &err).await {
+                            tracing::debug!(error = %e, "write failed; closing");
+                            break;
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "write failed; closing");
+                        break;
+                    }
                 }
                 let mut pending = ack.lock().unwrap_or_else(|e| e.into_inner());
                 if pending
