@@ -165,6 +165,12 @@ impl Agent {
                         let _ = std::fs::remove_file(p);
                     }
                     let l = UnixListener::bind(p).map_err(bind_err)?;
+                    // Only the agent's own user may connect (the program runs as another).
+                    {
+                        use std::os::unix::fs::PermissionsExt;
+                        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+                            .map_err(bind_err)?;
+                    }
                     addrs.push(BoundAddr::Unix(p.clone()));
                     bound.push(Bound::Unix(l, p.clone()));
                 }
@@ -177,6 +183,14 @@ impl Agent {
                 },
                 ListenUri::Serial(name) => match find_serial_port(name) {
                     Some(dev) => {
+                        // The host's channel is the agent's alone: no other user may open it
+                        // (devtmpfs creates it 0600 today; this does not rely on that).
+                        use std::os::unix::fs::PermissionsExt;
+                        if let Err(e) =
+                            std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o600))
+                        {
+                            tracing::warn!(dev = %dev.display(), error = %e, "cannot chmod the agent port");
+                        }
                         addrs.push(BoundAddr::Serial(dev.clone()));
                         bound.push(Bound::Serial(dev));
                     }

@@ -186,6 +186,10 @@ impl ChildSetup {
         if unsafe { libc::chdir(self.cwd.as_ptr()) } != 0 {
             return Err(io::Error::last_os_error());
         }
+        // No execve from here on can grant privileges: setuid/setgid bits and file
+        // capabilities are ignored (a setuid-root `su` runs as the caller). A single prctl,
+        // async-signal-safe; it cannot be undone by the program.
+        nix::sys::prctl::set_no_new_privs()?;
         Ok(())
     }
 }

@@ -730,3 +730,16 @@ async fn out_of_range_numbers_are_refused_without_panicking() {
     let out = c.exec(exec("python", "print(3)")).await;
     assert_eq!(out.stdout(), "3\n");
 }
+
+#[tokio::test]
+async fn programs_run_with_no_new_privs() {
+    let h = start().await;
+    let mut c = Client::connect(&h).await;
+    let out = c
+        .exec(exec(
+            "python",
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('NoNewPrivs')][0])",
+        ))
+        .await;
+    assert_eq!(out.stdout(), "1\n", "{out:?}");
+}
