@@ -182,3 +182,27 @@ fn exit_code(e: &anyhow::Error) -> i32 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest that breaks the protocol is a sandbox failure (1 here, 125 for `run`/`host`
+    /// in `main`), not a usage error or a prerequisite.
+    #[test]
+    fn guest_failures_map_to_the_sandbox_failure_code() {
+        let violation = infra_runner::Violation::TooManyFrames { limit: 1024 };
+        for e in [
+            infra_runner::RunError::Protocol { violation },
+            infra_runner::RunError::AgentClosed,
+        ] {
+            let e = anyhow::Error::from(e);
+            assert_eq!(exit_code(&e), exit::FAILURE, "{e}");
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+        let e = anyhow::Error::from(
+            infra_runner::check_timeout(std::time::Duration::from_secs(u64::MAX)).unwrap_err(),
+        );
+        assert_eq!(exit_code(&e), exit::USAGE, "{e}");
+    }
+}
