@@ -159,12 +159,13 @@ fn binary_output_passes_through_unchanged() {
 fn timeout_kills_the_tree_and_reports_124() {
     let _g = vm_lock();
     // A grandchild that closed stdout keeps running: the kill must still reach it.
+    // 5 s, not 2: Python's start alone takes about 2 s under TCG on a loaded 2-core host.
     let code = "import subprocess, time\n\
                 subprocess.Popen(['sleep', '1000'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n\
                 print('started', flush=True)\n\
                 time.sleep(1000)\n";
     let o = run(&[
-        "run", "-l", "python", "-c", code, "-t", "2", "--accel", "tcg", "--json",
+        "run", "-l", "python", "-c", code, "-t", "5", "--accel", "tcg", "--json",
     ]);
     let v = json(&o);
     assert_eq!(o.status.code(), Some(124));
