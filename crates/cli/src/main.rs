@@ -160,13 +160,50 @@ fn exit_code(e: &anyhow::Error) -> i32 {
         Some(E::Usage(_) | E::TooSmall { .. } | E::Language(_)) => exit::USAGE,
         _ if e.downcast_ref::<infra_languages::Error>().is_some() => exit::USAGE,
         _ if e.downcast_ref::<Missing>().is_some() => exit::PREREQUISITE,
-        _ => match e.downcast_ref::<infra_runner::RunError>() {
-            Some(infra_runner::RunError::Usage(_)) => exit::USAGE,
-            Some(infra_runner::RunError::Prerequisite(_) | infra_runner::RunError::Kernel(_)) => {
-                exit::PREREQUISITE
+        _ => {
+            use infra_runner::RunError as R;
+            match e.downcast_ref::<R>() {
+                Some(R::Usage(_)) => exit::USAGE,
+                Some(R::Prerequisite(_) | R::Kernel(_)) => exit::PREREQUISITE,
+                Some(R::VersionMismatch { .. }) => exit::PREREQUISITE,
+                // A guest that breaks the protocol, goes silent or closes: a sandbox failure
+                // (125 for `run`/`host`, see `main`), never a crash of this process.
+                Some(
+                    R::Vm(_)
+                    | R::Image(_)
+                    | R::AgentSend { .. }
+                    | R::AgentRead { .. }
+                    | R::AgentClosed
+                    | R::AgentSilent { .. }
+                    | R::Protocol { .. }
+                    | R::Refused { .. },
+                )
+                | None => exit::FAILURE,
             }
-            Some(infra_runner::RunError::VersionMismatch { .. }) => exit::PREREQUISITE,
-            _ => exit::FAILURE,
-        },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest that breaks the protocol is a sandbox failure (1 here, 125 for `run`/`host`
+    /// in `main`), not a usage error or a prerequisite.
+    #[test]
+    fn guest_failures_map_to_the_sandbox_failure_code() {
+        let violation = infra_runner::Violation::TooManyFrames { limit: 1024 };
+        for e in [
+            infra_runner::RunError::Protocol { violation },
+            infra_runner::RunError::AgentClosed,
+        ] {
+            let e = anyhow::Error::from(e);
+            assert_eq!(exit_code(&e), exit::FAILURE, "{e}");
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+        let e = anyhow::Error::from(
+            infra_runner::check_timeout(std::time::Duration::from_secs(u64::MAX)).unwrap_err(),
+        );
+        assert_eq!(exit_code(&e), exit::USAGE, "{e}");
     }
 }

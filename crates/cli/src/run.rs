@@ -225,6 +225,7 @@ pub async fn run(a: RunArgs, paths: &Paths) -> Result<i32> {
         (None, None) => bail!("give the program with --code or --file"),
     };
     infra_runner::check_code(&code)?;
+    infra_runner::check_timeout(Duration::from_secs(a.timeout))?;
     let stdin = match a.stdin.as_deref() {
         None => Vec::new(),
         Some("-") => {
@@ -295,6 +296,7 @@ fn report_status(o: &RunOutcome) {
 
 /// Runs `host`; prints the result block; returns the program's exit code.
 pub async fn host(a: HostArgs, paths: &Paths) -> Result<i32> {
+    infra_runner::check_timeout(Duration::from_secs(a.timeout))?;
     let lang = prepare::language(&a.lang)?;
     let runner = a.vm.runner(paths)?;
     let (kernel, initramfs, rootfs) = a.vm.prepare(paths, &lang, &runner).await?;

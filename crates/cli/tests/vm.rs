@@ -159,12 +159,13 @@ fn binary_output_passes_through_unchanged() {
 fn timeout_kills_the_tree_and_reports_124() {
     let _g = vm_lock();
     // A grandchild that closed stdout keeps running: the kill must still reach it.
+    // 5 s, not 2: Python's start alone takes about 2 s under TCG on a loaded 2-core host.
     let code = "import subprocess, time\n\
                 subprocess.Popen(['sleep', '1000'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n\
                 print('started', flush=True)\n\
                 time.sleep(1000)\n";
     let o = run(&[
-        "run", "-l", "python", "-c", code, "-t", "2", "--accel", "tcg", "--json",
+        "run", "-l", "python", "-c", code, "-t", "5", "--accel", "tcg", "--json",
     ]);
     let v = json(&o);
     assert_eq!(o.status.code(), Some(124));
@@ -396,4 +397,186 @@ fn missing_image_is_fetched_from_the_store_before_building() {
     let run_dir = home2.join("run");
     let left = std::fs::read_dir(&run_dir).map(|d| d.count()).unwrap_or(0);
     assert_eq!(left, 0, "VM directories left in {}", run_dir.display());
+}
+
+/// A copy of the python image that also ships a setuid-root `id` (`/usr/local/bin/suid-id`,
+/// made with debugfs from the image's own `/usr/bin/id`): a setuid binary that reports its
+/// effective uid.
+fn suid_test_image(dir: &Path) -> PathBuf {
+    let img = dir.join("rootfs-suid.ext4");
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(home().join("images/rootfs-python.ext4"))
+        .arg(&img)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let id = dir.join("id");
+    let o = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("dump /usr/bin/id {}", id.display()))
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(id.is_file(), "debugfs dump: {}", text(&o.stderr));
+    let cmds = dir.join("debugfs.cmds");
+    std::fs::write(
+        &cmds,
+        format!(
+            "cd /usr/local/bin\nwrite {} suid-id\nsif suid-id mode 0104755\nsif suid-id uid 0\nsif suid-id gid 0\n",
+            id.display()
+        ),
+    )
+    .unwrap();
+    let o = Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&cmds)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "debugfs: {}", text(&o.stderr));
+    img
+}
+
+/// One program that tries what untrusted code must not be able to do in the VM and prints a
+/// `CHECK <name> ok|FAIL <detail>` line per attempt; then exits 7 with output on both streams.
+const PRIVILEGE_PROBE: &str = r#"
+import ctypes, errno, os, subprocess, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def check(name, ok, detail=""):
+    print(f"CHECK {name} {'ok' if ok else 'FAIL'} {detail}".rstrip(), flush=True)
+def err():
+    return errno.errorcode.get(ctypes.get_errno(), "?")
+def fails(name, fn):
+    try:
+        fn()
+        check(name, False, "succeeded")
+    except OSError as e:
+        check(name, True, errno.errorcode.get(e.errno, str(e)))
+
+nnp = [l for l in open("/proc/self/status") if l.startswith("NoNewPrivs:")]
+check("no_new_privs", [l.split()[1] for l in nnp] == ["1"], nnp)
+check("runs_as_nobody", os.geteuid() == 65534 and os.getuid() == 65534, os.geteuid())
+
+mounts = {}
+for l in open("/proc/self/mounts"):
+    _dev, mp, _fs, opts = l.split()[:4]
+    mounts[mp] = opts.split(",")
+def mount_of(path):
+    path = os.path.realpath(path)
+    return max((m for m in mounts if path == m or path.startswith(m.rstrip("/") + "/")), key=len)
+for name, path in [("root", "/"), ("tmp", "/tmp"), ("workspace", os.getcwd())]:
+    mp = mount_of(path)
+    check(f"nosuid_nodev_{name}", "nosuid" in mounts[mp] and "nodev" in mounts[mp], f"{mp} {','.join(mounts[mp])}")
+
+for k in ["protected_hardlinks", "protected_symlinks", "protected_regular", "protected_fifos"]:
+    v = int(open(f"/proc/sys/fs/{k}").read())
+    check(k, v >= 1, v)
+
+st = os.stat("/usr/local/bin/suid-id")
+check("suid_id_shipped", st.st_uid == 0 and st.st_mode & 0o4000 != 0, oct(st.st_mode))
+out = subprocess.run(["/usr/local/bin/suid-id"], capture_output=True, text=True).stdout.strip()
+check("setuid_binary_keeps_euid_65534", "euid=" not in out and out.startswith("uid=65534"), out)
+su = next(p for p in ["/usr/bin/su", "/bin/su"] if os.path.exists(p))
+st = os.stat(su)
+check("su_is_setuid_root", st.st_uid == 0 and st.st_mode & 0o4000 != 0, oct(st.st_mode))
+r = subprocess.run([su, "-c", "id -u", "root"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
+check("su_does_not_give_root", r.returncode != 0 and r.stdout.strip() != "0", f"rc={r.returncode} {r.stderr.strip()!r}")
+
+fails("write_etc_new_file", lambda: open("/etc/infra-probe", "w"))
+fails("write_etc_passwd", lambda: open("/etc/passwd", "a"))
+r = libc.mount(b"none", b"/mnt", b"tmpfs", 0, None)
+check("mount_syscall", r != 0, err())
+r = subprocess.run(["mount", "-t", "tmpfs", "none", "/mnt"], capture_output=True, text=True)
+check("mount_binary", r.returncode != 0, r.stderr.strip())
+r = libc.syscall(175, None, 0, b"")  # init_module
+check("load_module", r != 0 and ctypes.get_errno() == errno.EPERM, err())
+fails("kill_9_pid_1", lambda: os.kill(1, 9))
+fails("read_dev_mem", lambda: open("/dev/mem", "rb").read(1))
+r = libc.ptrace(16, 1, None, None)  # PTRACE_ATTACH to the agent
+check("ptrace_agent", r != 0, err())
+fails("open_agent_memory", lambda: open("/proc/1/mem", "rb"))
+fails("write_agent_binary", lambda: open("/usr/local/bin/infra.operator", "ab"))
+port = None
+for d in os.listdir("/sys/class/virtio-ports"):
+    if open(f"/sys/class/virtio-ports/{d}/name").read().strip() == "agent":
+        port = f"/dev/{d}"
+check("agent_port_found", port is not None, port)
+fails("open_agent_port", lambda: os.open(port, os.O_RDWR | os.O_NONBLOCK))
+cg = open("/proc/self/cgroup").read().strip().split("::")[-1]
+fails("raise_own_memory_limit", lambda: open(f"/sys/fs/cgroup{cg}/memory.max", "w").write("max"))
+extra = sorted(int(f) for f in os.listdir("/proc/self/fd") if int(f) > 2)
+# listdir's own descriptor is the only one allowed beyond stdio.
+check("no_inherited_descriptors", len(extra) <= 1, extra)
+print("to stderr", file=sys.stderr)
+print("done")
+sys.exit(7)
+"#;
+
+#[test]
+fn untrusted_code_cannot_become_root_or_reach_the_agent() {
+    let _g = vm_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = suid_test_image(tmp.path());
+    let o = run(&[
+        "run",
+        "-l",
+        "python",
+        "-c",
+        PRIVILEGE_PROBE,
+        "--rootfs",
+        img.to_str().unwrap(),
+        "--accel",
+        "tcg",
+        "-t",
+        "120",
+    ]);
+    let out = text(&o.stdout);
+    let err = text(&o.stderr);
+    // The run still reports the program's own exit code and output.
+    assert_eq!(o.status.code(), Some(7), "{out}\n{err}");
+    assert!(out.ends_with("done\n"), "{out}\n{err}");
+    assert!(err.contains("to stderr"), "{err}");
+    let checks: Vec<&str> = out.lines().filter(|l| l.starts_with("CHECK ")).collect();
+    let failed: Vec<&&str> = checks
+        .iter()
+        .filter(|l| l.split_whitespace().nth(2) != Some("ok"))
+        .collect();
+    assert!(failed.is_empty(), "checks failed:\n{}", checks.join("\n"));
+    for name in [
+        "no_new_privs",
+        "runs_as_nobody",
+        "nosuid_nodev_root",
+        "nosuid_nodev_tmp",
+        "nosuid_nodev_workspace",
+        "protected_hardlinks",
+        "protected_symlinks",
+        "protected_regular",
+        "protected_fifos",
+        "setuid_binary_keeps_euid_65534",
+        "su_does_not_give_root",
+        "write_etc_new_file",
+        "write_etc_passwd",
+        "mount_syscall",
+        "mount_binary",
+        "load_module",
+        "kill_9_pid_1",
+        "read_dev_mem",
+        "ptrace_agent",
+        "open_agent_memory",
+        "write_agent_binary",
+        "open_agent_port",
+        "raise_own_memory_limit",
+        "no_inherited_descriptors",
+    ] {
+        assert!(
+            checks
+                .iter()
+                .any(|l| l.starts_with(&format!("CHECK {name} ok"))),
+            "no passing check {name}:\n{}",
+            checks.join("\n")
+        );
+    }
+    assert_clean();
 }

@@ -165,6 +165,12 @@ impl Agent {
                         let _ = std::fs::remove_file(p);
                     }
                     let l = UnixListener::bind(p).map_err(bind_err)?;
+                    // Only the agent's own user may connect (the program runs as another).
+                    {
+                        use std::os::unix::fs::PermissionsExt;
+                        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+                            .map_err(bind_err)?;
+                    }
                     addrs.push(BoundAddr::Unix(p.clone()));
                     bound.push(Bound::Unix(l, p.clone()));
                 }
@@ -177,6 +183,14 @@ impl Agent {
                 },
                 ListenUri::Serial(name) => match find_serial_port(name) {
                     Some(dev) => {
+                        // The host's channel is the agent's alone: no other user may open it
+                        // (devtmpfs creates it 0600 today; this does not rely on that).
+                        use std::os::unix::fs::PermissionsExt;
+                        if let Err(e) =
+                            std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o600))
+                        {
+                            tracing::warn!(dev = %dev.display(), error = %e, "cannot chmod the agent port");
+                        }
                         addrs.push(BoundAddr::Serial(dev.clone()));
                         bound.push(Bound::Serial(dev));
                     }
@@ -371,6 +385,21 @@ fn spawn_conn<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     tokio::spawn(handle_conn(Arc::clone(shared), Box::new(stream), peer));
 }
 
+/// Writes one reply. One that cannot be framed (over `MAX_FRAME`, or not encodable) is
+/// replaced by a `too_large` error for the same id: nothing of it was written (the frame is
+/// checked before the first byte goes out), so the stream is in step and the connection goes
+/// on. An `Err` is an I/O failure: the connection is gone.
+async fn write_reply<W: AsyncWrite + Unpin>(wr: &mut W, r: &Reply) -> Result<(), FrameError> {
+    match write_message_async(wr, r).await {
+        Err(e @ (FrameError::TooLarge { .. } | FrameError::Encode(_))) => {
+            tracing::warn!(error = %e, "reply cannot be sent; sending an error instead");
+            let err = Reply::error(r.id(), ErrorCode::TooLarge, format!("reply not sent: {e}"));
+            write_message_async(wr, &err).await
+        }
+        other => other,
+    }
+}
+
 type WrittenAck = Arc<Mutex<Option<(u64, oneshot::Sender<()>)>>>;
 
 type Inflight = Arc<Mutex<HashMap<u64, Arc<ExecHandle>>>>;
@@ -388,7 +417,7 @@ async fn handle_conn(shared: Arc<Shared>, stream: Box<dyn Conn>, peer: String) {
         let ack = Arc::clone(&written);
         let writer = tokio::spawn(async move {
             while let Some(r) = rx.recv().await {
-                if let Err(e) = write_message_async(&mut wr, &r).await {
+                if let Err(e) = write_reply(&mut wr, &r).await {
                     tracing::debug!(error = %e, "write failed; closing");
                     break;
                 }
@@ -617,5 +646,40 @@ fn signal_exec(inflight: &Inflight, id: u64, target: u64, sig: i32) -> Reply {
     match killpg(Pid::from_raw(pgid), sig) {
         Ok(()) => Reply::Ok { id },
         Err(e) => Reply::error(Some(id), ErrorCode::NotFound, format!("exec {target}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An oversized reply becomes a `too_large` error for its id, and the stream stays in
+    /// step: the next reply is read normally.
+    #[tokio::test]
+    async fn an_oversized_reply_is_answered_with_an_error_and_the_stream_goes_on() {
+        let (mut agent, mut host) = tokio::io::duplex(16 << 20);
+        let huge = Reply::FileData {
+            id: 9,
+            data: vec![0; MAX_FRAME],
+            mode: 0o644,
+        };
+        write_reply(&mut agent, &huge).await.unwrap();
+        write_reply(&mut agent, &Reply::Ok { id: 10 })
+            .await
+            .unwrap();
+        let r: Reply = read_message_async(&mut host).await.unwrap().unwrap();
+        assert!(
+            matches!(
+                r,
+                Reply::Error {
+                    id: Some(9),
+                    code: ErrorCode::TooLarge,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        let r: Reply = read_message_async(&mut host).await.unwrap().unwrap();
+        assert_eq!(r, Reply::Ok { id: 10 });
     }
 }

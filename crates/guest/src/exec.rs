@@ -24,7 +24,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use infra_languages::{Language, LanguageTable};
-use infra_protocol::{Exec, ExecStatus, Exit, Reply, TRUNCATION_MARKER};
+use infra_protocol::{
+    truncate_text, Exec, ExecStatus, Exit, Reply, MAX_COMPILE_OUTPUT, MAX_TIMEOUT_MS,
+    TRUNCATION_MARKER,
+};
 use nix::libc;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -183,6 +186,10 @@ impl ChildSetup {
         if unsafe { libc::chdir(self.cwd.as_ptr()) } != 0 {
             return Err(io::Error::last_os_error());
         }
+        // No execve from here on can grant privileges: setuid/setgid bits and file
+        // capabilities are ignored (a setuid-root `su` runs as the caller). A single prctl,
+        // async-signal-safe; it cannot be undone by the program.
+        nix::sys::prctl::set_no_new_privs()?;
         Ok(())
     }
 }
@@ -198,6 +205,17 @@ fn set_rlimit(resource: libc::__rlimit_resource_t, limit: Option<u64>) -> io::Re
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A requested limit, lowered to the agent's own hard limit: asking for more than exists
+/// means no further limit, not a program that fails to start (raising a hard limit needs
+/// `CAP_SYS_RESOURCE`). The value comes from the host, so any `u64` must work.
+fn within_hard_limit(resource: nix::sys::resource::Resource, limit: Option<u64>) -> Option<u64> {
+    let limit = limit?;
+    Some(match nix::sys::resource::getrlimit(resource) {
+        Ok((_, hard)) => limit.min(hard),
+        Err(_) => limit,
+    })
 }
 
 /// Kills a process group and its cgroup. Errors (already gone) are ignored.
@@ -421,6 +439,12 @@ impl Executor {
         mut cancel: watch::Receiver<bool>,
     ) -> Result<Option<Exit>, ExecError> {
         let lang = self.table.get(&req.lang)?;
+        if req.timeout_ms > MAX_TIMEOUT_MS {
+            return Err(ExecError::Invalid {
+                what: "timeout_ms",
+                reason: "more than 24 hours (MAX_TIMEOUT_MS)",
+            });
+        }
         for a in &req.argv {
             check_str("argv", a)?;
         }
@@ -526,6 +550,9 @@ impl Executor {
                 let text =
                     String::from_utf8_lossy(&captured.lock().unwrap_or_else(|e| e.into_inner()))
                         .into_owned();
+                // The build's two streams are captured up to `max_output_bytes` each, which
+                // may be far more than one frame holds.
+                let text = truncate_text(text, MAX_COMPILE_OUTPUT);
                 return Some(Exit {
                     status: ExecStatus::CompileError,
                     exit_code: out.exit.code,
@@ -601,8 +628,14 @@ impl Executor {
         let cg_pids = cg.is_some() && self.cgroups.as_ref().is_some_and(Cgroups::has_pids);
         let setup = ChildSetup {
             cgroup_procs: cg.as_ref().map(|c| c.procs_path().clone()),
-            rlimit_as: memory_bytes.filter(|_| !cg_memory),
-            rlimit_nproc: step.max_pids.map(u64::from).filter(|_| !cg_pids),
+            rlimit_as: within_hard_limit(
+                nix::sys::resource::Resource::RLIMIT_AS,
+                memory_bytes.filter(|_| !cg_memory),
+            ),
+            rlimit_nproc: within_hard_limit(
+                nix::sys::resource::Resource::RLIMIT_NPROC,
+                step.max_pids.map(u64::from).filter(|_| !cg_pids),
+            ),
             ids: self.run_as,
             set_groups: self.drop_privileges,
             cwd: CString::new(files::bytes(step.cwd)).map_err(io::Error::other)?,

@@ -25,6 +25,8 @@ const MODULE_LIST: &str = "/etc/infra-operator/modules";
 const MODULE_DIR: &str = "/lib/modules";
 /// Where the agent lives in every image (see `infra_image`'s injector).
 const AGENT_IN_IMAGE: &str = "/usr/local/bin/infra.operator";
+/// Flags of every mount of the image: no setuid, no device nodes.
+const NOSUID_NODEV: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
 /// How long to wait for the root disk to appear after its driver loads.
 const ROOT_WAIT: Duration = Duration::from_secs(10);
 
@@ -123,7 +125,10 @@ fn stage() -> Result<Never, String> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let ro = MsFlags::MS_RDONLY;
+    // Nothing on the image may grant privileges or open devices: the program runs without
+    // setuid (`nosuid`) and device nodes (`nodev`) on every file system it can write or
+    // execute from. /dev is its own mount.
+    let ro = MsFlags::MS_RDONLY | NOSUID_NODEV;
     mount_fs(&opts.root, "/lower", "ext4", ro, None)
         .map_err(|e| format!("mount {} (ext4, read-only) on /lower: {e}", opts.root))?;
 
@@ -194,14 +199,8 @@ fn fail(what: &'static str) -> impl Fn(Errno) -> String {
 }
 
 fn overlay() -> Result<(), String> {
-    mount_fs(
-        "tmpfs",
-        "/rw",
-        "tmpfs",
-        MsFlags::MS_NOSUID,
-        Some("mode=0755"),
-    )
-    .map_err(|e| format!("tmpfs on /rw: {e}"))?;
+    mount_fs("tmpfs", "/rw", "tmpfs", NOSUID_NODEV, Some("mode=0755"))
+        .map_err(|e| format!("tmpfs on /rw: {e}"))?;
     for d in ["/rw/upper", "/rw/work"] {
         std::fs::create_dir_all(d).map_err(|e| format!("{d}: {e}"))?;
     }
@@ -209,7 +208,7 @@ fn overlay() -> Result<(), String> {
         "overlay",
         "/newroot",
         "overlay",
-        MsFlags::empty(),
+        NOSUID_NODEV,
         Some("lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work"),
     )
     .map_err(|e| format!("overlay on /newroot: {e}"))

@@ -107,7 +107,21 @@ const MOUNTS: &[MountSpec] = &[
     },
 ];
 
-/// Sets the machine up as init: mounts, `/dev` links, loopback, hostname, Ctrl-Alt-Del.
+/// Kernel settings written at boot, before any program runs: links, symlinks, regular files
+/// and fifos in sticky world-writable directories (`/tmp`) cannot be used to trick a more
+/// privileged process (the agent) into following or opening them; kernel pointers and the
+/// kernel log are hidden from unprivileged code.
+pub const SYSCTLS: &[(&str, &str)] = &[
+    ("/proc/sys/fs/protected_hardlinks", "1"),
+    ("/proc/sys/fs/protected_symlinks", "1"),
+    ("/proc/sys/fs/protected_regular", "2"),
+    ("/proc/sys/fs/protected_fifos", "2"),
+    ("/proc/sys/kernel/kptr_restrict", "2"),
+    ("/proc/sys/kernel/dmesg_restrict", "1"),
+];
+
+/// Sets the machine up as init: mounts, sysctls, `/dev` links, loopback, hostname,
+/// Ctrl-Alt-Del.
 pub(crate) fn init() {
     for m in MOUNTS {
         let target = Path::new(m.target);
@@ -118,6 +132,11 @@ pub(crate) fn init() {
         match mount(Some(m.source), target, Some(m.fstype), m.flags, m.data) {
             Ok(()) | Err(Errno::EBUSY) => {}
             Err(e) => tracing::warn!(target = m.target, error = %e, "mount failed"),
+        }
+    }
+    for (path, value) in SYSCTLS {
+        if let Err(e) = std::fs::write(path, value) {
+            tracing::warn!(path, error = %e, "cannot set sysctl");
         }
     }
     // Init must survive whatever the sandboxed program does to memory: if the OOM killer

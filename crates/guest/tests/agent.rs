@@ -659,3 +659,87 @@ async fn missing_vsock_or_serial_alone_is_an_error_not_a_panic() {
         Err(infra_guest::AgentError::NoListener { .. })
     ));
 }
+
+/// A build that prints megabytes of errors: the `exit` must still fit in a frame, so the
+/// agent cuts `compile_output` and the connection stays usable.
+#[tokio::test]
+async fn huge_compile_output_is_cut_and_the_connection_stays_open() {
+    let h = start().await;
+    if !h.languages.iter().any(|l| l == "c") {
+        panic!("gcc is needed on the host for this test");
+    }
+    let mut c = Client::connect(&h).await;
+    // 1000 undeclared names on one 9 KB line: gcc quotes the line with each error (~9 MB).
+    let body: String = (0..1000).map(|i| format!("v{i}=1;")).collect();
+    let mut e = exec("c", &format!("int main(void) {{ {body} }}\n"));
+    e.max_output_bytes = 16 << 20;
+    e.timeout_ms = 120_000;
+    let out = c.exec(e).await;
+    let exit = out.exit();
+    assert_eq!(exit.status, ExecStatus::CompileError, "{:?}", exit.status);
+    let text = exit.compile_output.as_deref().unwrap();
+    assert!(text.len() <= MAX_COMPILE_OUTPUT, "{}", text.len());
+    assert!(
+        text.ends_with(TRUNCATION_MARKER),
+        "{}",
+        &text[text.len() - 100..]
+    );
+    // The same connection still works.
+    let out = c.exec(exec("python", "print(6*7)")).await;
+    assert_eq!(out.stdout(), "42\n");
+}
+
+/// Numbers from the host are range-checked: none overflows or panics the agent.
+#[tokio::test]
+async fn out_of_range_numbers_are_refused_without_panicking() {
+    let h = start().await;
+    let mut c = Client::connect(&h).await;
+    let mut e = exec("python", "print(1)");
+    e.timeout_ms = u64::MAX;
+    let id = c.send(RequestBody::Exec(e)).await;
+    match c.recv().await {
+        Reply::Error {
+            id: Some(i), code, ..
+        } if i == id => {
+            assert_eq!(code, ErrorCode::BadRequest)
+        }
+        other => panic!("expected bad_request, got {other:?}"),
+    }
+    // Extreme limits that are in range still run the program.
+    let mut e = exec("python", "print(2)");
+    e.timeout_ms = MAX_TIMEOUT_MS;
+    e.max_output_bytes = u64::MAX;
+    e.memory_mb = Some(u64::MAX);
+    e.max_pids = Some(u32::MAX);
+    let out = c.exec(e).await;
+    assert_eq!(out.stdout(), "2\n", "{out:?}");
+    // Signal numbers out of range are refused.
+    for sig in [i32::MIN, -1, 0, 65, i32::MAX] {
+        let id = c
+            .send(RequestBody::Signal(Signal {
+                target: 1,
+                signal: sig,
+            }))
+            .await;
+        match c.recv().await {
+            Reply::Error { id: Some(i), .. } if i == id => {}
+            other => panic!("signal {sig}: expected an error, got {other:?}"),
+        }
+    }
+    // The agent is still there.
+    let out = c.exec(exec("python", "print(3)")).await;
+    assert_eq!(out.stdout(), "3\n");
+}
+
+#[tokio::test]
+async fn programs_run_with_no_new_privs() {
+    let h = start().await;
+    let mut c = Client::connect(&h).await;
+    let out = c
+        .exec(exec(
+            "python",
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('NoNewPrivs')][0])",
+        ))
+        .await;
+    assert_eq!(out.stdout(), "1\n", "{out:?}");
+}

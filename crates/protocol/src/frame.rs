@@ -141,11 +141,34 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
 pub async fn read_frame_async<R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<Vec<u8>>, FrameError> {
+    read_frame_async_inner(r, true).await
+}
+
+/// Like [`read_frame_async`], but an oversized frame's body is not read: the error comes as
+/// soon as the header is in, and the stream is out of step afterwards. For a reader that ends
+/// the conversation on any violation (the host reading the agent), so a peer announcing 4 GiB
+/// cannot keep it busy reading them.
+pub async fn read_frame_async_strict<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<Vec<u8>>, FrameError> {
+    read_frame_async_inner(r, false).await
+}
+
+async fn read_frame_async_inner<R: AsyncRead + Unpin>(
+    r: &mut R,
+    skip_oversized: bool,
+) -> Result<Option<Vec<u8>>, FrameError> {
     let mut header = [0u8; 4];
     let got = read_full_async(r, &mut header).await?;
     let Some(len) = check_header(got, header)? else {
         return Ok(None);
     };
+    if len > MAX_FRAME as u64 && !skip_oversized {
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME,
+        });
+    }
     if len > MAX_FRAME as u64 {
         let skipped = tokio::io::copy(&mut r.take(len), &mut tokio::io::sink()).await?;
         if skipped < len {
@@ -183,6 +206,17 @@ pub async fn read_message_async<T: Message, R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<T>, FrameError> {
     match read_frame_async(r).await? {
+        None => Ok(None),
+        Some(body) => Ok(Some(T::decode(&body)?)),
+    }
+}
+
+/// Async [`read_message`] over [`read_frame_async_strict`]: an oversized frame is an error
+/// without its body being read.
+pub async fn read_message_async_strict<T: Message, R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<T>, FrameError> {
+    match read_frame_async_strict(r).await? {
         None => Ok(None),
         Some(body) => Ok(Some(T::decode(&body)?)),
     }
@@ -325,6 +359,27 @@ mod tests {
         assert_eq!(e.code(), ErrorCode::FrameTooLarge);
         let back: Request = read_message(&mut r).unwrap().unwrap();
         assert_eq!(back, exec_request());
+    }
+
+    #[tokio::test]
+    async fn strict_reader_refuses_an_oversize_frame_without_reading_it() {
+        // Only the header is there: a skipping reader would wait for 4 GiB.
+        let data = u32::MAX.to_be_bytes().to_vec();
+        let e = read_frame_async_strict(&mut Cursor::new(data))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, FrameError::TooLarge { len, .. } if len == u64::from(u32::MAX)),
+            "{e}"
+        );
+        // A frame of exactly MAX_FRAME is still read.
+        let mut data = (MAX_FRAME as u32).to_be_bytes().to_vec();
+        data.resize(4 + MAX_FRAME, b' ');
+        let body = read_frame_async_strict(&mut Cursor::new(data))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(body.len(), MAX_FRAME);
     }
 
     #[test]

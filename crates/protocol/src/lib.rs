@@ -17,8 +17,8 @@ pub mod frame;
 mod messages;
 
 pub use frame::{
-    read_frame, read_frame_async, read_message, read_message_async, write_message,
-    write_message_async, FrameError,
+    read_frame, read_frame_async, read_frame_async_strict, read_message, read_message_async,
+    read_message_async_strict, write_message, write_message_async, FrameError,
 };
 pub use messages::*;
 
@@ -36,3 +36,48 @@ pub const TIMEOUT_EXIT_CODE: i32 = 124;
 
 /// Marker appended to a stream whose output was cut at `max_output_bytes`.
 pub const TRUNCATION_MARKER: &str = "\n[output truncated]\n";
+
+/// Largest `compile_output` in an [`Exit`], in bytes of UTF-8 (the marker included). The agent
+/// cuts the build's output to this and ends it with [`TRUNCATION_MARKER`]; the host refuses a
+/// longer one as a protocol violation.
+///
+/// 512 KiB keeps the `exit` frame under [`MAX_FRAME`] even when every byte is a control
+/// character that JSON escapes as `\u00XX` (6 bytes each: 3 MiB).
+pub const MAX_COMPILE_OUTPUT: usize = 512 << 10;
+
+/// Largest `exec.timeout_ms` either side accepts: 24 hours. Longer values are refused
+/// (`bad_request` from the agent, a usage error on the host) instead of overflowing deadlines.
+pub const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Cuts `text` to at most `max` bytes (on a character boundary) and, when anything was cut,
+/// ends it with [`TRUNCATION_MARKER`] (the result is then at most `max` bytes too).
+pub fn truncate_text(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut keep = max.saturating_sub(TRUNCATION_MARKER.len());
+    while !text.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    text.truncate(keep);
+    if TRUNCATION_MARKER.len() <= max {
+        text.push_str(TRUNCATION_MARKER);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_text_keeps_short_text_and_cuts_on_a_char_boundary() {
+        assert_eq!(truncate_text("abc".into(), 3), "abc");
+        let long = "é".repeat(100); // 200 bytes
+        let cut = truncate_text(long, 51);
+        assert!(cut.len() <= 51, "{}", cut.len());
+        assert!(cut.ends_with(TRUNCATION_MARKER));
+        assert!(cut.starts_with("ééé"));
+        assert_eq!(truncate_text("abcdef".into(), 2), "");
+    }
+}

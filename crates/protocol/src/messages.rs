@@ -275,12 +275,13 @@ pub struct Exit {
 
 impl Exit {
     /// The code a command-line front end should exit with: the program's code, 124 on timeout,
-    /// `128 + signal` when killed by a signal, 1 otherwise.
+    /// `128 + signal` when killed by a signal, 1 otherwise. Never overflows, whatever the
+    /// fields hold (they come from the other side).
     pub fn shell_exit_code(&self) -> i32 {
         match (self.status, self.exit_code, self.signal) {
             (ExecStatus::Timeout, _, _) => TIMEOUT_EXIT_CODE,
             (_, Some(code), _) => code,
-            (_, None, Some(sig)) => 128 + sig,
+            (_, None, Some(sig)) => sig.saturating_add(128),
             _ => 1,
         }
     }

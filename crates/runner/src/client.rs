@@ -1,13 +1,37 @@
 //! The host side of the agent protocol over any byte stream (virtio-serial socket, hybrid
 //! vsock, TCP, Unix socket).
+//!
+//! The agent runs next to untrusted code, so nothing it sends is trusted: every frame is read
+//! with the strict reader (an oversized one ends the conversation without being read), output
+//! is capped per stream, frames that carry no output are counted, and numeric fields are
+//! range-checked. Any violation ends the exec with [`RunError::Protocol`]; none panics.
+//! Host memory per exec is therefore bounded by the output cap plus one frame
+//! ([`infra_protocol::MAX_FRAME`], 4 MiB) and its decoded form. Measured by
+//! `tests/hostile_memory.rs` (2026-12-02, debug build): while a stand-in agent sent 100 MiB of
+//! stdout, then 100 MiB in 128 KiB frames and 100 MiB in near-4 MiB frames, the peak RSS
+//! (VmHWM) of the whole test process, the stand-in's own buffers included, was 23.7 MiB
+//! (2.7 MiB before); with 64-128 KiB frames alone it was 4.2 MiB.
 
 use infra_protocol::{
-    read_message_async, write_message_async, Exec, Exit, Hello, Reply, Request, RequestBody,
-    Shutdown, PROTOCOL_VERSION,
+    read_message_async_strict, write_message_async, Exec, Exit, Hello, Reply, Request, RequestBody,
+    Shutdown, MAX_COMPILE_OUTPUT, PROTOCOL_VERSION, TRUNCATION_MARKER,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 
-use crate::error::RunError;
+use crate::error::{RunError, Violation};
+
+/// Frames an exec may receive that carry no output for it (empty chunks, replies for other
+/// ids) before the host gives up on the agent. A well-behaved agent sends none: every
+/// `stdout`/`stderr` event it sends holds at least one byte, and the `exit` ends the exec. So
+/// with the byte caps below, an exec receives at most `2 × (cap + slack) + 1024 + 1` frames.
+pub const MAX_STRAY_FRAMES: u64 = 1024;
+
+/// Bytes a stream may carry beyond `max_output_bytes`: the truncation marker plus room for
+/// the agent's own one-line notes (e.g. "cannot start python3").
+pub const OUTPUT_SLACK_BYTES: u64 = TRUNCATION_MARKER.len() as u64 + 4096;
+
+/// Largest signal number a Linux program can be killed by (`SIGRTMAX`).
+const MAX_SIGNAL: i32 = 64;
 
 /// What the agent said about itself.
 #[derive(Debug, Clone)]
@@ -34,6 +58,95 @@ pub struct AgentClient<S> {
     next_id: u64,
 }
 
+/// The short name of a reply type, for errors.
+fn reply_kind(r: &Reply) -> &'static str {
+    match r {
+        Reply::HelloReply { .. } => "hello_reply",
+        Reply::Stdout { .. } => "stdout",
+        Reply::Stderr { .. } => "stderr",
+        Reply::Exit(_) => "exit",
+        Reply::FileData { .. } => "file_data",
+        Reply::Ok { .. } => "ok",
+        Reply::Error { .. } => "error",
+    }
+}
+
+fn in_range(field: &'static str, value: Option<i32>, min: i32, max: i32) -> Result<(), Violation> {
+    match value {
+        Some(v) if !(min..=max).contains(&v) => Err(Violation::OutOfRange {
+            field,
+            value: i64::from(v),
+            min: i64::from(min),
+            max: i64::from(max),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Checks the fields of an `exit` a program's result is built from.
+fn check_exit(exit: &Exit) -> Result<(), Violation> {
+    // Exit codes come from wait(2) (0..=255; 124 for timeouts); signals from 1..=SIGRTMAX.
+    in_range("exit.exit_code", exit.exit_code, 0, 255)?;
+    in_range("exit.signal", exit.signal, 1, MAX_SIGNAL)?;
+    if let Some(c) = &exit.compile_output {
+        if c.len() > MAX_COMPILE_OUTPUT {
+            return Err(Violation::CompileOutputTooLarge {
+                len: c.len(),
+                max: MAX_COMPILE_OUTPUT,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Per-exec accounting of what the agent sent.
+struct Budget {
+    limit: u64,
+    stdout: u64,
+    stderr: u64,
+    stray: u64,
+}
+
+impl Budget {
+    fn new(max_output_bytes: u64) -> Self {
+        Self {
+            limit: max_output_bytes.saturating_add(OUTPUT_SLACK_BYTES),
+            stdout: 0,
+            stderr: 0,
+            stray: 0,
+        }
+    }
+
+    fn output(&mut self, stream: &'static str, len: usize) -> Result<(), Violation> {
+        if len == 0 {
+            return self.stray();
+        }
+        let used = if stream == "stdout" {
+            &mut self.stdout
+        } else {
+            &mut self.stderr
+        };
+        *used = used.saturating_add(len as u64);
+        if *used > self.limit {
+            return Err(Violation::OutputOverflow {
+                stream,
+                limit: self.limit,
+            });
+        }
+        Ok(())
+    }
+
+    fn stray(&mut self) -> Result<(), Violation> {
+        self.stray += 1;
+        if self.stray > MAX_STRAY_FRAMES {
+            return Err(Violation::TooManyFrames {
+                limit: MAX_STRAY_FRAMES,
+            });
+        }
+        Ok(())
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
     /// Wraps a connected stream.
     pub fn new(stream: S) -> Self {
@@ -50,15 +163,16 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
         self.next_id += 1;
         write_message_async(&mut self.writer, &Request { id, body })
             .await
-            .map_err(|e| RunError::Agent(format!("cannot send to the agent: {e}")))?;
+            .map_err(|source| RunError::AgentSend { source })?;
         Ok(id)
     }
 
     async fn recv(&mut self) -> Result<Reply, RunError> {
-        match read_message_async::<Reply, _>(&mut self.reader).await {
+        match read_message_async_strict::<Reply, _>(&mut self.reader).await {
             Ok(Some(r)) => Ok(r),
-            Ok(None) => Err(RunError::Agent("the agent closed the connection".into())),
-            Err(e) => Err(RunError::Agent(format!("bad frame from the agent: {e}"))),
+            Ok(None) => Err(RunError::AgentClosed),
+            Err(infra_protocol::FrameError::Io(source)) => Err(RunError::AgentRead { source }),
+            Err(e) => Err(Violation::Frame(e).into()),
         }
     }
 
@@ -97,34 +211,62 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
                         agent_version: message,
                     })
                 } else {
-                    Err(RunError::Agent(format!("hello refused: {message}")))
+                    Err(RunError::Refused {
+                        code: code.as_str().to_string(),
+                        message,
+                    })
                 }
             }
-            other => Err(RunError::Agent(format!(
-                "unexpected hello answer: {other:?}"
-            ))),
+            other => Err(Violation::Unexpected {
+                expected: "hello_reply",
+                got: reply_kind(&other),
+            }
+            .into()),
         }
     }
 
-    /// Runs a program, passing its output to `on_output` as it arrives.
+    /// Runs a program, passing its output to `on_output` as it arrives. At most
+    /// `exec.max_output_bytes` plus [`OUTPUT_SLACK_BYTES`] reach `on_output` per stream; an
+    /// agent that sends more, or breaks the protocol otherwise, ends the exec with
+    /// [`RunError::Protocol`].
     pub async fn exec(
         &mut self,
         exec: Exec,
         mut on_output: impl FnMut(Output),
     ) -> Result<Exit, RunError> {
+        let mut budget = Budget::new(exec.max_output_bytes);
         let id = self.send(RequestBody::Exec(exec)).await?;
         loop {
             match self.recv().await? {
-                Reply::Stdout { id: r, data } if r == id => on_output(Output::Stdout(data)),
-                Reply::Stderr { id: r, data } if r == id => on_output(Output::Stderr(data)),
-                Reply::Exit(exit) if exit.id == id => return Ok(exit),
+                Reply::Stdout { id: r, data } if r == id => {
+                    budget.output("stdout", data.len())?;
+                    if !data.is_empty() {
+                        on_output(Output::Stdout(data));
+                    }
+                }
+                Reply::Stderr { id: r, data } if r == id => {
+                    budget.output("stderr", data.len())?;
+                    if !data.is_empty() {
+                        on_output(Output::Stderr(data));
+                    }
+                }
+                Reply::Exit(exit) if exit.id == id => {
+                    check_exit(&exit)?;
+                    return Ok(exit);
+                }
                 Reply::Error { code, message, .. } => {
                     return Err(RunError::Refused {
                         code: code.as_str().to_string(),
                         message,
                     })
                 }
-                other => tracing::debug!(?other, "ignoring a reply for another request"),
+                other => {
+                    budget.stray()?;
+                    tracing::debug!(
+                        kind = reply_kind(&other),
+                        "ignoring a reply for another request"
+                    );
+                }
             }
         }
     }

@@ -1,5 +1,7 @@
 //! Run failures, each saying what to do.
 
+use infra_protocol::FrameError;
+
 /// Why a run could not produce a program result.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -12,9 +14,39 @@ pub enum RunError {
     /// The image could not be built.
     #[error(transparent)]
     Image(#[from] infra_image::Error),
-    /// The protocol conversation failed.
-    #[error("agent: {0}")]
-    Agent(String),
+    /// A request could not be written to the agent.
+    #[error("cannot send a request to the guest agent; the VM is probably gone: {source}")]
+    AgentSend {
+        /// Cause.
+        #[source]
+        source: FrameError,
+    },
+    /// Reading from the agent failed.
+    #[error("cannot read from the guest agent; the VM is probably gone: {source}")]
+    AgentRead {
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent closed the connection before the answer was complete.
+    #[error("the guest agent closed the connection before answering; see the console lines, if any, or retry with --kernel-args infra.log=debug")]
+    AgentClosed,
+    /// The guest stopped answering (the agent enforces the program's timeout; this is the
+    /// host's backstop).
+    #[error("no answer from the guest within {secs} s; the guest hung or was overloaded; last console lines:\n{console}")]
+    AgentSilent {
+        /// Seconds waited.
+        secs: u64,
+        /// Tail of the serial console.
+        console: String,
+    },
+    /// The agent sent something the protocol does not allow; the run was ended. The guest
+    /// runs untrusted code, so this is treated as a hostile or broken guest, never trusted.
+    #[error("the guest agent broke the protocol ({violation}); the run was stopped. A guest that does this is broken or compromised: rebuild the image if it repeats")]
+    Protocol {
+        /// What it did.
+        violation: Violation,
+    },
     /// The agent refused the request.
     #[error("the agent refused the request ({code}): {message}")]
     Refused {
@@ -39,4 +71,64 @@ pub enum RunError {
     /// Bad request from the user.
     #[error("{0}")]
     Usage(String),
+}
+
+/// How an agent broke the protocol (see `docs/security.md`, "What the host accepts from the
+/// guest"). Part of [`RunError::Protocol`].
+#[derive(Debug, thiserror::Error)]
+pub enum Violation {
+    /// A frame that could not be read or decoded (not JSON, unknown type, over `MAX_FRAME`,
+    /// cut short).
+    #[error("bad frame: {0}")]
+    Frame(#[source] FrameError),
+    /// More output on one stream than the cap allows.
+    #[error(
+        "more than {limit} bytes on {stream}, the --max-output cap plus the truncation marker"
+    )]
+    OutputOverflow {
+        /// `stdout` or `stderr`.
+        stream: &'static str,
+        /// Bytes allowed on that stream.
+        limit: u64,
+    },
+    /// Too many frames that carried no output for the request.
+    #[error("more than {limit} frames without output for the request")]
+    TooManyFrames {
+        /// Frames allowed.
+        limit: u64,
+    },
+    /// `compile_output` longer than `MAX_COMPILE_OUTPUT`.
+    #[error("compile_output of {len} bytes, more than the {max} allowed")]
+    CompileOutputTooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A numeric field outside its range.
+    #[error("{field} = {value} is out of range {min}..={max}")]
+    OutOfRange {
+        /// Which field.
+        field: &'static str,
+        /// The value sent.
+        value: i64,
+        /// Smallest valid value.
+        min: i64,
+        /// Largest valid value.
+        max: i64,
+    },
+    /// A reply that does not answer the request (e.g. `ok` to `hello`).
+    #[error("a `{got}` reply where `{expected}` was expected")]
+    Unexpected {
+        /// What the request calls for.
+        expected: &'static str,
+        /// The reply type received.
+        got: &'static str,
+    },
+}
+
+impl From<Violation> for RunError {
+    fn from(violation: Violation) -> Self {
+        RunError::Protocol { violation }
+    }
 }

@@ -20,8 +20,8 @@ use infra_vmm::{Accel, Backend, Vm, VmConfig};
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
-pub use client::{AgentClient, AgentInfo, Output};
-pub use error::RunError;
+pub use client::{AgentClient, AgentInfo, Output, MAX_STRAY_FRAMES, OUTPUT_SLACK_BYTES};
+pub use error::{RunError, Violation};
 
 /// Which VMM to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -430,6 +430,7 @@ impl Runner {
         mut on_output: impl FnMut(Output),
     ) -> Result<RunOutcome, RunError> {
         check_code(&spec.code)?;
+        check_timeout(spec.timeout)?;
         let started = Instant::now();
         let trace_id = format!("tr-{}", uuid::Uuid::new_v4().simple());
         let mut ready = self
@@ -467,11 +468,10 @@ impl Runner {
                 on_output(o);
             });
             watch_vm(&mut ready.vm, backstop, exec_fut, |vm| {
-                RunError::Agent(format!(
-                    "no answer from the guest within {} s; last console lines:\n{}",
-                    backstop.as_secs(),
-                    vm.console_tail(15)
-                ))
+                RunError::AgentSilent {
+                    secs: backstop.as_secs(),
+                    console: vm.console_tail(15),
+                }
             })
             .await
         };
@@ -505,6 +505,19 @@ impl Runner {
             agent_version: ready.info.agent_version,
         })
     }
+}
+
+/// Refuses a wall-clock limit the protocol does not carry (over
+/// [`infra_protocol::MAX_TIMEOUT_MS`], 24 h), before anything is fetched, built or booted.
+pub fn check_timeout(timeout: Duration) -> Result<(), RunError> {
+    if timeout.as_millis() > u128::from(infra_protocol::MAX_TIMEOUT_MS) {
+        return Err(RunError::Usage(format!(
+            "--timeout {} s is too long; the most is {} s (24 h)",
+            timeout.as_secs(),
+            infra_protocol::MAX_TIMEOUT_MS / 1000
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses an empty program before anything is fetched, built or booted.

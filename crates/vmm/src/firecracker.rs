@@ -95,17 +95,9 @@ pub fn check_socket_path(path: &Path) -> Result<(), VmError> {
     Ok(())
 }
 
-/// The last `max` bytes of a log file, as text (for errors).
+/// The last lines of a log file, on one line (for errors).
 pub(crate) fn log_tail(path: &Path, max: u64) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
-    let mut buf = Vec::new();
-    let _ = f.take(max).read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf);
+    let text = crate::vm::read_tail(path, max);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(3)..].join(" / ")
 }

@@ -22,8 +22,8 @@ pub mod vmlinux;
 
 pub use error::{KernelError, VmError};
 pub use vm::{
-    find_binary, hybrid_vsock_connect, timer_args, Accel, AgentEndpoint, Vm, VmConfig, AGENT_PORT,
-    FAST_BOOT_ARGS,
+    find_binary, hybrid_vsock_connect, read_tail, timer_args, Accel, AgentEndpoint, Vm, VmConfig,
+    AGENT_PORT, FAST_BOOT_ARGS, LOG_TAIL_BYTES,
 };
 
 /// A configured VMM.

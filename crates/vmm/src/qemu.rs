@@ -124,7 +124,7 @@ impl Qemu {
                 break;
             }
             if let Ok(Some(st)) = child.try_wait() {
-                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                let said = crate::vm::read_tail(&log, crate::vm::LOG_TAIL_BYTES);
                 return Err(VmError::Start {
                     backend: "qemu",
                     detail: format!("exited with {st}: {}", said.trim()),

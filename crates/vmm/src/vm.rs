@@ -11,6 +11,37 @@ use tokio::process::{Child, Command};
 
 use crate::error::VmError;
 
+/// Most bytes read from the end of a log the guest can write to (console, VMM stderr) when
+/// an error quotes it. The file itself may be any size.
+pub const LOG_TAIL_BYTES: u64 = 64 << 10;
+
+/// The last `max` bytes of the file at `path` as text (lossy UTF-8, the first partial line
+/// dropped when the file was cut); empty when it cannot be read.
+pub fn read_tail(path: &Path, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    // `take` bounds the read even if the file grows meanwhile.
+    let _ = f.take(max).read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    match text.split_once('\n') {
+        Some((_, rest)) if start > 0 => rest.to_string(),
+        _ => text,
+    }
+}
+
+fn last_lines(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// CPU virtualisation used by QEMU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -140,12 +171,11 @@ impl Vm {
         )
     }
 
-    /// The last `lines` lines of the guest's serial console (kernel messages, panics).
+    /// The last `lines` lines of the guest's serial console (kernel messages, panics). Only
+    /// the last [`LOG_TAIL_BYTES`] of the file are read: the guest writes it, so its size is
+    /// not ours to trust.
     pub fn console_tail(&self, lines: usize) -> String {
-        let text = std::fs::read(&self.console).unwrap_or_default();
-        let text = String::from_utf8_lossy(&text);
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        last_lines(&read_tail(&self.console, LOG_TAIL_BYTES), lines)
     }
 
     /// The error to report when the VMM died under us.
@@ -154,7 +184,7 @@ impl Vm {
         let said = self
             .vmm_log
             .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|p| read_tail(p, LOG_TAIL_BYTES))
             .map(|t| {
                 let lines: Vec<&str> = t.lines().filter(|l| !l.trim().is_empty()).collect();
                 lines[lines.len().saturating_sub(2)..].join(" / ")
@@ -286,4 +316,28 @@ fn host_tsc_khz() -> Option<u64> {
         .parse()
         .ok()?;
     (mhz > 100.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest that floods its console cannot make the host read the whole file.
+    #[test]
+    fn read_tail_reads_only_the_end_of_a_huge_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("console.log");
+        let f = std::fs::File::create(&p).unwrap();
+        // 4 GiB, sparse: reading it all would take seconds and gigabytes.
+        f.set_len(4 << 30).unwrap();
+        drop(f);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        std::io::Write::write_all(&mut f, b"\nkernel panic line 1\nlast line\n").unwrap();
+        let t = read_tail(&p, LOG_TAIL_BYTES);
+        assert!(t.len() as u64 <= LOG_TAIL_BYTES, "{}", t.len());
+        assert_eq!(last_lines(&t, 2), "kernel panic line 1\nlast line");
+        assert_eq!(read_tail(&dir.path().join("missing"), 10), "");
+        std::fs::write(&p, "short\nlog").unwrap();
+        assert_eq!(read_tail(&p, LOG_TAIL_BYTES), "short\nlog");
+    }
 }
