@@ -68,8 +68,14 @@ fn vm_lock() -> MutexGuard<'static, ()> {
 /// No VM directory and no process of ours (QEMU, Firecracker) outlives a run.
 fn assert_clean() {
     let run_dir = home().join("run");
+    // The uid lease files stay (their locks are the leases); VM directories must not.
     let left: Vec<_> = std::fs::read_dir(&run_dir)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name() != infra_vmm::uid::LEASE_DIR)
+                .map(|e| e.path())
+                .collect()
+        })
         .unwrap_or_default();
     assert!(left.is_empty(), "VM directories left behind: {left:?}");
     let marker = run_dir.to_string_lossy().into_owned();
@@ -261,6 +267,43 @@ fn killed_vmm_is_reported_and_cleaned_up() {
     assert_eq!(o.status.code(), Some(125));
     let err = text(&o.stderr);
     assert!(err.contains("VM exited unexpectedly"), "{err}");
+    assert_clean();
+}
+
+/// QEMU started by root runs as a uid of its own (from `--vm-uids`) under its seccomp sandbox,
+/// with no supplementary groups, and still boots and runs the program.
+#[test]
+fn qemu_runs_as_its_own_uid_under_seccomp() {
+    let _g = vm_lock();
+    let child = start_sleeper();
+    let qemu = qemu_children(child.id());
+    assert_eq!(qemu.len(), 1, "one VMM per run");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", qemu[0])).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let uids = field("Uid:");
+    assert_eq!(uids.len(), 4, "{status}");
+    for u in &uids {
+        let u: u32 = u.parse().unwrap();
+        assert!((900_000..910_000).contains(&u), "QEMU uid {u}: {status}");
+    }
+    assert_eq!(field("Gid:")[0], uids[0], "gid is the uid's number");
+    assert!(field("Groups:").is_empty(), "no supplementary groups");
+    assert_eq!(field("Seccomp:"), ["2"], "seccomp filter mode: {status}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o.stderr));
     assert_clean();
 }
 

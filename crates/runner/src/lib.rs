@@ -291,7 +291,13 @@ impl Runner {
                     infra_vmm::qemu::QEMU_PACKAGE
                 ))
             })?;
-        Ok(Backend::Qemu(infra_vmm::qemu::Qemu { binary, accel }))
+        Ok(Backend::Qemu(infra_vmm::qemu::Qemu {
+            binary,
+            accel,
+            uids: nix::unistd::geteuid()
+                .is_root()
+                .then_some(self.opts.vm_uids),
+        }))
     }
 
     /// Firecracker, under its jailer when we are root (the jailer chroots it and drops it to a

@@ -271,7 +271,7 @@ impl Firecracker {
             Some(j) => {
                 std::fs::create_dir_all(&j.chroot_base)
                     .map_err(|e| VmError::io(format!("create {}", j.chroot_base.display()), e))?;
-                let l = crate::uid::lease(j.uids, &cfg.run_dir.join("uids"))?;
+                let l = crate::uid::lease(j.uids, &cfg.run_dir.join(crate::uid::LEASE_DIR))?;
                 let uid = l.uid();
                 lease = Some(l);
                 let (argv, jail) = Self::jailer_command(j, &self.binary, &id, uid)?;
@@ -294,12 +294,12 @@ impl Firecracker {
                     (&cfg.initramfs, "initrd"),
                     (&cfg.rootfs, "rootfs.ext4"),
                 ] {
-                    place_in_jail(src, &root.join(name), uid)?;
+                    crate::uid::place_for(src, &root.join(name), uid)?;
                 }
                 for name in ["firecracker.log", "metrics.json"] {
                     let p = root.join(name);
                     std::fs::File::create(&p).map_err(|e| VmError::io("create log files", e))?;
-                    chown(&p, uid)?;
+                    crate::uid::chown(&p, uid)?;
                 }
                 let mut cmd = Command::new(&j.binary);
                 cmd.args(&argv);
@@ -388,34 +388,6 @@ impl Firecracker {
             _uid: lease,
         })
     }
-}
-
-fn chown(path: &Path, uid: u32) -> Result<(), VmError> {
-    nix::unistd::chown(
-        path,
-        Some(nix::unistd::Uid::from_raw(uid)),
-        Some(nix::unistd::Gid::from_raw(uid)),
-    )
-    .map_err(|e| VmError::io(format!("chown {}", path.display()), e.into()))
-}
-
-/// Makes `src` readable at `dst` for `uid`: a hard link when everyone may already read it (the
-/// shared image stays shared), else a private copy owned by `uid` (the originals keep their
-/// owners and modes; e.g. the initramfs is 0600).
-fn place_in_jail(src: &Path, dst: &Path, uid: u32) -> Result<(), VmError> {
-    use std::os::unix::fs::PermissionsExt;
-    let world_readable = std::fs::metadata(src)
-        .map(|m| m.permissions().mode() & 0o004 != 0)
-        .unwrap_or(false);
-    let _ = std::fs::remove_file(dst);
-    if world_readable && std::fs::hard_link(src, dst).is_ok() {
-        return Ok(());
-    }
-    std::fs::copy(src, dst)
-        .map_err(|e| VmError::io(format!("copy {} into the jail", src.display()), e))?;
-    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o400))
-        .map_err(|e| VmError::io(format!("chmod {}", dst.display()), e))?;
-    chown(dst, uid)
 }
 
 /// Sends one API request over the Unix socket; a non-2xx answer becomes [`VmError::Api`] with

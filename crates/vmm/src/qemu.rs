@@ -15,6 +15,13 @@ use crate::vm::{spawn, timer_args, vm_dir, Accel, AgentEndpoint, Vm, VmConfig, F
 /// Debian's package for the binary, named in errors.
 pub const QEMU_PACKAGE: &str = "qemu-system-x86";
 
+/// QEMU's seccomp sandbox, on for every VM: no obsolete syscalls, no privilege changes, no
+/// fork/exec, no scheduler or resource changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// The file descriptor QEMU finds the rootfs on when it runs as a VM uid (`-add-fd`).
+const ROOTFS_FD: i32 = 3;
+
 /// How to run QEMU.
 #[derive(Debug, Clone)]
 pub struct Qemu {
@@ -22,6 +29,9 @@ pub struct Qemu {
     pub binary: PathBuf,
     /// KVM or TCG.
     pub accel: Accel,
+    /// When set (the host runs as root), each QEMU runs as its own uid from this range: it is
+    /// dropped to before exec, so the seccomp sandbox can deny privilege changes entirely.
+    pub uids: Option<crate::uid::UidRange>,
 }
 
 impl Qemu {
@@ -58,6 +68,8 @@ impl Qemu {
         for s in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
             push(s);
         }
+        push("-sandbox");
+        push(SANDBOX);
         push("-chardev");
         a.push(chardev("file", "con", &dir.join("console.log")));
         let mut push = |s: &str| a.push(s.into());
@@ -109,13 +121,41 @@ impl Qemu {
         let dir = vm_dir(&cfg.run_dir)?;
         let console = dir.path().join("console.log");
         let log = dir.path().join("qemu.log");
+        let mut lease = None;
+        let mut args_cfg = cfg.clone();
+        let mut rootfs = None;
+        if let Some(range) = self.uids {
+            // The VM's own uid: its directory becomes the uid's, the kernel and initramfs are
+            // made readable for it (linked, or copied when the originals are private), and the
+            // rootfs is opened here, read-only, and handed over as a descriptor.
+            let l = crate::uid::lease(range, &cfg.run_dir.join(crate::uid::LEASE_DIR))?;
+            let uid = l.uid();
+            lease = Some(l);
+            crate::uid::chown(dir.path(), uid)?;
+            args_cfg.kernel = dir.path().join("vmlinux");
+            args_cfg.initramfs = dir.path().join("initrd");
+            crate::uid::place_for(&cfg.kernel, &args_cfg.kernel, uid)?;
+            crate::uid::place_for(&cfg.initramfs, &args_cfg.initramfs, uid)?;
+            let f = std::fs::File::open(&cfg.rootfs)
+                .map_err(|e| VmError::io(format!("open {}", cfg.rootfs.display()), e))?;
+            rootfs = Some(std::os::fd::OwnedFd::from(f));
+            args_cfg.rootfs = PathBuf::from("/dev/fdset/1");
+        }
         let mut cmd = Command::new(&self.binary);
-        cmd.args(self.command_line(cfg, dir.path()));
+        if rootfs.is_some() {
+            cmd.arg("-add-fd")
+                .arg(format!("fd={ROOTFS_FD},set=1,opaque=rootfs"));
+        }
+        cmd.args(self.command_line(&args_cfg, dir.path()));
+        if let (Some(l), Some(fd)) = (&lease, &rootfs) {
+            drop_to_uid(&mut cmd, l.uid(), fd, self.accel == Accel::Kvm);
+        }
         tracing::debug!(?cmd, "starting qemu");
         let mut child = spawn(cmd, &log).map_err(|e| VmError::Start {
             backend: "qemu",
             detail: format!("cannot run {}: {e}", self.binary.display()),
         })?;
+        drop(rootfs);
         // QEMU creates the agent socket before the guest starts; wait for that (or its
         // exit, e.g. a bad option or a missing /dev/kvm).
         let sock = dir.path().join("agent.sock");
@@ -141,8 +181,43 @@ impl Qemu {
             vmm_log: Some(log),
             endpoint: AgentEndpoint::Stream(sock),
             _jail: None,
-            _uid: None,
+            _uid: lease,
         })
+    }
+}
+
+/// Before exec: the rootfs descriptor onto [`ROOTFS_FD`], no supplementary groups (but the
+/// group of `/dev/kvm` for KVM), then gid and uid. Runs before [`spawn`]'s own pre-exec step,
+/// so the parent-death signal is set after the uid change (which would clear it).
+fn drop_to_uid(cmd: &mut Command, uid: u32, rootfs: &std::os::fd::OwnedFd, kvm: bool) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let raw = rootfs.as_raw_fd();
+    let kvm_gid = kvm
+        .then(|| std::fs::metadata("/dev/kvm").ok().map(|m| m.gid()))
+        .flatten();
+    // SAFETY: only async-signal-safe calls (dup2, setgroups, setgid, setuid) on values copied
+    // into the closure.
+    unsafe {
+        cmd.pre_exec(move || {
+            use nix::unistd::{Gid, Uid};
+            if raw != ROOTFS_FD {
+                if nix::libc::dup2(raw, ROOTFS_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else {
+                // Same number: clear close-on-exec instead.
+                nix::fcntl::fcntl(
+                    std::os::fd::BorrowedFd::borrow_raw(raw),
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                )?;
+            }
+            let groups: Vec<Gid> = kvm_gid.into_iter().map(Gid::from_raw).collect();
+            nix::unistd::setgroups(&groups)?;
+            nix::unistd::setgid(Gid::from_raw(uid))?;
+            nix::unistd::setuid(Uid::from_raw(uid))?;
+            Ok(())
+        });
     }
 }
 
@@ -172,6 +247,7 @@ mod tests {
     #[test]
     fn command_line_has_readonly_disk_serial_agent_and_escaped_paths() {
         let q = Qemu {
+            uids: None,
             binary: "qemu-system-x86_64".into(),
             accel: Accel::Tcg,
         };

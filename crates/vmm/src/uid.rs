@@ -10,6 +10,10 @@ use std::path::Path;
 
 use crate::error::VmError;
 
+/// Directory under the run directory that holds the uid lease files (one small file per uid
+/// ever leased; a file's lock, not its existence, is the lease).
+pub const LEASE_DIR: &str = ".vm-uids";
+
 /// A range of host uids (and the gids of the same numbers) reserved for VMMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UidRange {
@@ -103,6 +107,34 @@ pub fn lease(range: UidRange, dir: &Path) -> Result<UidLease, VmError> {
             range.count, range.first
         )),
     ))
+}
+
+pub(crate) fn chown(path: &Path, uid: u32) -> Result<(), VmError> {
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(uid)),
+    )
+    .map_err(|e| VmError::io(format!("chown {}", path.display()), e.into()))
+}
+
+/// Makes `src` readable at `dst` (in a jail or VM directory) for `uid`: a hard link when everyone may already read it (the
+/// shared image stays shared), else a private copy owned by `uid` (the originals keep their
+/// owners and modes; e.g. the initramfs is 0600).
+pub(crate) fn place_for(src: &Path, dst: &Path, uid: u32) -> Result<(), VmError> {
+    use std::os::unix::fs::PermissionsExt;
+    let world_readable = std::fs::metadata(src)
+        .map(|m| m.permissions().mode() & 0o004 != 0)
+        .unwrap_or(false);
+    let _ = std::fs::remove_file(dst);
+    if world_readable && std::fs::hard_link(src, dst).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(src, dst)
+        .map_err(|e| VmError::io(format!("copy {} for the VM", src.display()), e))?;
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o400))
+        .map_err(|e| VmError::io(format!("chmod {}", dst.display()), e))?;
+    chown(dst, uid)
 }
 
 fn nanos() -> u32 {
