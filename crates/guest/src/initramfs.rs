@@ -111,7 +111,7 @@ fn stage() -> Result<Never, String> {
         format!("{MODULE_LIST}: {e}: the initramfs did not unpack completely; give the VM more memory (--mem)")
     })?;
     for name in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        load_module(name)?;
+        load_module(name, &module_params(&cmdline, name))?;
     }
 
     let deadline = Instant::now() + ROOT_WAIT;
@@ -226,10 +226,28 @@ fn mount_fs(
     mount(Some(src), target, fstype, flags, data)
 }
 
-fn load_module(name: &str) -> Result<(), String> {
+/// The `module.param=value` words of the kernel command line for `module`, as the parameter
+/// string `finit_module` takes (what modprobe does from `/proc/cmdline`; the kernel applies them
+/// only to built-in code). Firecracker describes its devices this way
+/// (`virtio_mmio.device=4K@0xd0000000:5`), so a modular `virtio_mmio` must get them to find any.
+pub fn module_params(cmdline: &str, module: &str) -> String {
+    let want = module.replace('-', "_");
+    cmdline
+        .split_whitespace()
+        .filter_map(|w| {
+            let (m, param) = w.split_once('.')?;
+            (m.replace('-', "_") == want && param.contains('=') && !param.contains('\0'))
+                .then_some(param)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn load_module(name: &str, params: &str) -> Result<(), String> {
     let path = format!("{MODULE_DIR}/{name}.ko");
     let f = std::fs::File::open(&path).map_err(|e| format!("open {path}: {e}"))?;
-    match finit_module(f.as_fd(), &CString::default(), ModuleInitFlags::empty()) {
+    let params = CString::new(params).unwrap_or_default();
+    match finit_module(f.as_fd(), &params, ModuleInitFlags::empty()) {
         Ok(()) | Err(Errno::EEXIST) => Ok(()),
         Err(e) => Err(format!("load module {name}: {e}")),
     }
@@ -238,6 +256,17 @@ fn load_module(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn module_parameters_come_from_the_command_line() {
+        let cmdline = "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 virtio-mmio.x=1 virtio_blk.foo virtio.y=2\n";
+        assert_eq!(
+            module_params(cmdline, "virtio_mmio"),
+            "device=4K@0xd0000000:5 device=4K@0xd0001000:6 x=1"
+        );
+        assert_eq!(module_params(cmdline, "virtio_blk"), "");
+        assert_eq!(module_params(cmdline, "virtio"), "y=2");
+    }
 
     #[test]
     fn cmdline_options() {
