@@ -620,3 +620,33 @@ fn boot_id() -> String {
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_verdicts_are_per_backend() {
+        let cache = tempfile::tempdir().unwrap();
+        let r = Runner::new(RunnerOptions::for_host().unwrap(), cache.path());
+        assert_eq!(r.kvm_verdict_of(FIRECRACKER), None);
+        r.record_verdict(FIRECRACKER, false, "KVM_EXIT_INTERNAL_ERROR");
+        assert_eq!(
+            r.kvm_verdict_of(FIRECRACKER),
+            Some((false, "KVM_EXIT_INTERNAL_ERROR".into()))
+        );
+        assert_eq!(
+            r.kvm_verdict(),
+            None,
+            "QEMU-KVM is not judged by Firecracker"
+        );
+        r.record_verdict(QEMU_KVM, false, "emulation failure");
+        r.record_verdict(QEMU_KVM, true, "a probe boot reached the agent");
+        assert_eq!(
+            r.kvm_verdict().map(|v| v.0),
+            Some(true),
+            "a success overwrites"
+        );
+        assert_eq!(r.kvm_verdict_of(FIRECRACKER).map(|v| v.0), Some(false));
+    }
+}
