@@ -407,3 +407,78 @@ async fn cached_blobs_are_verified_before_use() {
     build(&req, &paths, &NoProgress).await.unwrap();
     assert_eq!(std::fs::read(&cached).unwrap(), gz[0]);
 }
+
+/// A registry that sends more bytes than a layer's descriptor declares: the download stops at
+/// the declared size (nothing is kept), whatever the body's length. Debian's docker-registry
+/// never lies about sizes, so this is a stand-in speaking just enough of the distribution API.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_cannot_send_more_than_the_descriptor_declares() {
+    use std::io::{BufRead, BufReader, Write as _};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let layer = gzip(&tar(&[Item::File("f", &vec![7u8; 1 << 20], 0o644)]));
+    let img = TestImage::new(vec![tar(&[Item::File("f", &vec![7u8; 1 << 20], 0o644)])]);
+    let (config, _, _) = img.blobs();
+    let declared = layer.len() / 2;
+    let manifest = serde_json::to_vec(&serde_json::json!({"schemaVersion":2,
+        "mediaType":"application/vnd.oci.image.manifest.v1+json",
+        "config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":digest(&config),"size":config.len()},
+        "layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":digest(&layer),"size":declared}]}))
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sent2 = sent.clone();
+    let (m, c, l) = (manifest.clone(), config.clone(), layer.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut r = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap() == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let (ctype, body): (&str, &[u8]) = if path.contains("/manifests/") {
+                ("application/vnd.oci.image.manifest.v1+json", &m)
+            } else if path.ends_with(&sha256_hex(&c)) {
+                ("application/octet-stream", &c)
+            } else if path.ends_with(&sha256_hex(&l)) {
+                ("application/octet-stream", &l)
+            } else {
+                ("application/json", b"{}")
+            };
+            let mut s = stream;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nDocker-Content-Digest: {}\r\nConnection: close\r\n\r\n",
+                body.len(),
+                digest(body)
+            );
+            let _ = s.write_all(head.as_bytes());
+            if !line.starts_with("HEAD") {
+                if let Ok(()) = s.write_all(body) {
+                    if body.len() == l.len() {
+                        sent2.fetch_add(body.len() as u64, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            }
+        }
+    });
+    let home = tempfile::tempdir().unwrap();
+    let (paths, req) = request(
+        home.path(),
+        "liar",
+        registry_origin(&format!("{addr}/t/liar:v1")),
+    );
+    let e = build(&req, &paths, &NoProgress).await.unwrap_err();
+    let chain = format!("{e}: {:?}", std::error::Error::source(&e));
+    assert!(chain.contains("larger than the"), "{chain}");
+    assert!(!req.output.exists());
+    let cached = paths.blobs().join("sha256");
+    let kept: Vec<_> = std::fs::read_dir(&cached)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(kept.is_empty(), "nothing kept in the blob cache: {kept:?}");
+}
