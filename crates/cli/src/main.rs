@@ -17,7 +17,8 @@ mod exit {
     pub const FAILURE: i32 = 1;
     /// Bad flags or values (clap also uses 2).
     pub const USAGE: i32 = 2;
-    /// Input was refused: hostile or corrupt archive, digest mismatch, image not found.
+    /// Input was refused: hostile or corrupt archive, digest mismatch, image not found, unsafe
+    /// object keys (a sync or download that skipped some still transferred the rest).
     pub const BAD_INPUT: i32 = 3;
     /// A prerequisite is missing: host tool, root, registry or daemon unreachable, credentials.
     pub const PREREQUISITE: i32 = 4;
@@ -134,11 +135,37 @@ fn main() {
     }
 }
 
+/// Exit code for a store error: every variant named, so a new one must be placed here.
+fn store_exit_code(e: &infra_store::Error) -> i32 {
+    use infra_store::Error as E;
+    match e {
+        E::NoSuchBucket { .. }
+        | E::NoSuchKey { .. }
+        | E::ChecksumMismatch { .. }
+        | E::SourceMismatch { .. }
+        | E::Corrupt { .. }
+        | E::UnsafeKey { .. }
+        | E::UnsafeKeysSkipped { .. } => exit::BAD_INPUT,
+        E::NoCredentials { .. }
+        | E::BadCredentials { .. }
+        | E::AccessDenied { .. }
+        | E::WrongRegion { .. }
+        | E::Unreachable { .. }
+        | E::Unsupported { .. } => exit::PREREQUISITE,
+        E::Invalid { .. } | E::Config { .. } => exit::USAGE,
+        E::Changed { .. }
+        | E::Service { .. }
+        | E::Request { .. }
+        | E::DiskFull { .. }
+        | E::Io { .. } => exit::FAILURE,
+    }
+}
+
 /// Maps an error to the documented exit code.
 fn exit_code(e: &anyhow::Error) -> i32 {
     use infra_image::Error as E;
     if let Some(se) = e.downcast_ref::<infra_store::Error>() {
-        return store::exit_code(se);
+        return store_exit_code(se);
     }
     match e.downcast_ref::<E>() {
         Some(
