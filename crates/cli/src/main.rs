@@ -178,7 +178,11 @@ fn exit_code(e: &anyhow::Error) -> i32 {
             exit::BAD_INPUT
         }
         Some(
-            E::MissingTool { .. } | E::NeedRoot | E::Unreachable { .. } | E::AuthDenied { .. },
+            E::MissingTool { .. }
+            | E::NeedRoot
+            | E::Unreachable { .. }
+            | E::AuthDenied { .. }
+            | E::HostDir(_),
         )
         | Some(E::Daemon { .. } | E::MirrorUnreachable { .. } | E::AgentNotStatic { .. }) => {
             exit::PREREQUISITE
@@ -186,11 +190,14 @@ fn exit_code(e: &anyhow::Error) -> i32 {
         Some(E::Usage(_) | E::TooSmall { .. } | E::Language(_)) => exit::USAGE,
         _ if e.downcast_ref::<infra_languages::Error>().is_some() => exit::USAGE,
         _ if e.downcast_ref::<Missing>().is_some() => exit::PREREQUISITE,
+        _ if e.downcast_ref::<infra_config::DirError>().is_some() => exit::PREREQUISITE,
         _ => match e.downcast_ref::<infra_runner::RunError>() {
             Some(infra_runner::RunError::Usage(_)) => exit::USAGE,
-            Some(infra_runner::RunError::Prerequisite(_) | infra_runner::RunError::Kernel(_)) => {
-                exit::PREREQUISITE
-            }
+            Some(
+                infra_runner::RunError::Prerequisite(_)
+                | infra_runner::RunError::Kernel(_)
+                | infra_runner::RunError::HostDir(_),
+            ) => exit::PREREQUISITE,
             Some(infra_runner::RunError::VersionMismatch { .. }) => exit::PREREQUISITE,
             _ => exit::FAILURE,
         },

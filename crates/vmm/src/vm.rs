@@ -215,8 +215,7 @@ pub async fn hybrid_vsock_connect(uds: &Path, port: u32) -> Result<UnixStream, V
 
 /// Creates the VM directory.
 pub(crate) fn vm_dir(run_dir: &Path) -> Result<tempfile::TempDir, VmError> {
-    std::fs::create_dir_all(run_dir)
-        .map_err(|e| VmError::io(format!("create {}", run_dir.display()), e))?;
+    infra_config::ensure_dir(run_dir, infra_config::PRIVATE_DIR)?;
     tempfile::Builder::new()
         .prefix("vm-")
         .tempdir_in(run_dir)
