@@ -161,11 +161,24 @@ fn store_exit_code(e: &infra_store::Error) -> i32 {
     }
 }
 
+/// Exit code for an agent start-up error: every variant named.
+fn guest_exit_code(e: &infra_guest::AgentError) -> i32 {
+    use infra_guest::AgentError as E;
+    match e {
+        // Flags that cannot be used as given: a public TCP address needs --token-file.
+        E::TokenRequired { .. } | E::EmptyToken => exit::USAGE,
+        E::Bind { .. } | E::NoListener { .. } | E::Workspace { .. } | E::Signal(_) => exit::FAILURE,
+    }
+}
+
 /// Maps an error to the documented exit code.
 fn exit_code(e: &anyhow::Error) -> i32 {
     use infra_image::Error as E;
     if let Some(se) = e.downcast_ref::<infra_store::Error>() {
         return store_exit_code(se);
+    }
+    if let Some(ge) = e.downcast_ref::<infra_guest::AgentError>() {
+        return guest_exit_code(ge);
     }
     match e.downcast_ref::<E>() {
         Some(

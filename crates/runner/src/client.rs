@@ -32,6 +32,7 @@ pub struct AgentClient<S> {
     reader: ReadHalf<S>,
     writer: WriteHalf<S>,
     next_id: u64,
+    token: Option<String>,
 }
 
 impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
@@ -42,7 +43,14 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
             reader,
             writer,
             next_id: 1,
+            token: None,
         }
+    }
+
+    /// Sends `token` in `hello` (an agent on a non-loopback TCP address requires it).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
     }
 
     async fn send(&mut self, body: RequestBody) -> Result<u64, RunError> {
@@ -68,6 +76,7 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
             .send(RequestBody::Hello(Hello {
                 version: PROTOCOL_VERSION,
                 client: format!("infra.operator {}", env!("CARGO_PKG_VERSION")),
+                token: self.token.clone(),
             }))
             .await?;
         match self.recv().await? {
