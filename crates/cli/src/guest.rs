@@ -15,6 +15,7 @@ const IMAGE_CONFIG: &str = "/etc/infra-operator/image.json";
 #[command(after_help = "Examples:
   infra.operator guest --port 5000                       # in a VM: vsock 5000 + virtio-serial 'agent'
   infra.operator guest --listen tcp://127.0.0.1:5000     # development, no VM
+  infra.operator guest --listen tcp://0.0.0.0:5000 --token-file /etc/infra-operator/agent.token
   infra.operator guest --listen unix:/run/agent.sock")]
 pub struct GuestArgs {
     /// vsock port (also opens the virtio-serial port named `agent` when present).
@@ -26,6 +27,10 @@ pub struct GuestArgs {
     /// Directory for code and files [default: the agent's built-in workspace].
     #[arg(long)]
     workspace: Option<PathBuf>,
+    /// File holding the token the host must send in hello; required to listen on a TCP address
+    /// that is not loopback (surrounding whitespace is ignored).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// Act as init: auto (when PID 1), on, off.
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
     pid1: String,
@@ -43,6 +48,12 @@ pub async fn run(a: GuestArgs) -> Result<()> {
     }
     if let Some(w) = a.workspace {
         opts.workspace = w;
+    }
+    if let Some(f) = &a.token_file {
+        let t = std::fs::read_to_string(f).with_context(|| {
+            format!("cannot read the token file {} (--token-file)", f.display())
+        })?;
+        opts.token = Some(t.trim().to_string());
     }
     opts.pid1 = match a.pid1.as_str() {
         "on" => Pid1Mode::On,

@@ -17,7 +17,8 @@ mod exit {
     pub const FAILURE: i32 = 1;
     /// Bad flags or values (clap also uses 2).
     pub const USAGE: i32 = 2;
-    /// Input was refused: hostile or corrupt archive, digest mismatch, image not found.
+    /// Input was refused: hostile or corrupt archive, digest mismatch, image not found, unsafe
+    /// object keys (a sync or download that skipped some still transferred the rest).
     pub const BAD_INPUT: i32 = 3;
     /// A prerequisite is missing: host tool, root, registry or daemon unreachable, credentials.
     pub const PREREQUISITE: i32 = 4;
@@ -134,11 +135,50 @@ fn main() {
     }
 }
 
+/// Exit code for a store error: every variant named, so a new one must be placed here.
+fn store_exit_code(e: &infra_store::Error) -> i32 {
+    use infra_store::Error as E;
+    match e {
+        E::NoSuchBucket { .. }
+        | E::NoSuchKey { .. }
+        | E::ChecksumMismatch { .. }
+        | E::SourceMismatch { .. }
+        | E::Corrupt { .. }
+        | E::UnsafeKey { .. }
+        | E::UnsafeKeysSkipped { .. } => exit::BAD_INPUT,
+        E::NoCredentials { .. }
+        | E::BadCredentials { .. }
+        | E::AccessDenied { .. }
+        | E::WrongRegion { .. }
+        | E::Unreachable { .. }
+        | E::Unsupported { .. } => exit::PREREQUISITE,
+        E::Invalid { .. } | E::Config { .. } => exit::USAGE,
+        E::Changed { .. }
+        | E::Service { .. }
+        | E::Request { .. }
+        | E::DiskFull { .. }
+        | E::Io { .. } => exit::FAILURE,
+    }
+}
+
+/// Exit code for an agent start-up error: every variant named.
+fn guest_exit_code(e: &infra_guest::AgentError) -> i32 {
+    use infra_guest::AgentError as E;
+    match e {
+        // Flags that cannot be used as given: a public TCP address needs --token-file.
+        E::TokenRequired { .. } | E::EmptyToken => exit::USAGE,
+        E::Bind { .. } | E::NoListener { .. } | E::Workspace { .. } | E::Signal(_) => exit::FAILURE,
+    }
+}
+
 /// Maps an error to the documented exit code.
 fn exit_code(e: &anyhow::Error) -> i32 {
     use infra_image::Error as E;
     if let Some(se) = e.downcast_ref::<infra_store::Error>() {
-        return store::exit_code(se);
+        return store_exit_code(se);
+    }
+    if let Some(ge) = e.downcast_ref::<infra_guest::AgentError>() {
+        return guest_exit_code(ge);
     }
     match e.downcast_ref::<E>() {
         Some(
@@ -152,7 +192,11 @@ fn exit_code(e: &anyhow::Error) -> i32 {
             exit::BAD_INPUT
         }
         Some(
-            E::MissingTool { .. } | E::NeedRoot | E::Unreachable { .. } | E::AuthDenied { .. },
+            E::MissingTool { .. }
+            | E::NeedRoot
+            | E::Unreachable { .. }
+            | E::AuthDenied { .. }
+            | E::HostDir(_),
         )
         | Some(E::Daemon { .. } | E::MirrorUnreachable { .. } | E::AgentNotStatic { .. }) => {
             exit::PREREQUISITE
@@ -160,11 +204,12 @@ fn exit_code(e: &anyhow::Error) -> i32 {
         Some(E::Usage(_) | E::TooSmall { .. } | E::Language(_)) => exit::USAGE,
         _ if e.downcast_ref::<infra_languages::Error>().is_some() => exit::USAGE,
         _ if e.downcast_ref::<Missing>().is_some() => exit::PREREQUISITE,
+        _ if e.downcast_ref::<infra_config::DirError>().is_some() => exit::PREREQUISITE,
         _ => {
             use infra_runner::RunError as R;
             match e.downcast_ref::<R>() {
                 Some(R::Usage(_)) => exit::USAGE,
-                Some(R::Prerequisite(_) | R::Kernel(_)) => exit::PREREQUISITE,
+                Some(R::Prerequisite(_) | R::Kernel(_) | R::HostDir(_)) => exit::PREREQUISITE,
                 Some(R::VersionMismatch { .. }) => exit::PREREQUISITE,
                 // A guest that breaks the protocol, goes silent or closes: a sandbox failure
                 // (125 for `run`/`host`, see `main`), never a crash of this process.

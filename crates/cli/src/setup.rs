@@ -124,10 +124,7 @@ pub fn run(a: SetupArgs, paths: &Paths) -> Result<()> {
                 );
             }
         }
-        for d in [&paths.home, &paths.images, &paths.cache] {
-            std::fs::create_dir_all(d)
-                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", d.display()))?;
-        }
+        paths.ensure_dirs()?;
         if kernel.is_err() {
             println!("Fetching the guest kernel ...");
             infra_runner::prepare::fetch_kernel(paths, None)?;

@@ -537,13 +537,17 @@ async fn upload(a: StoreUploadArgs, paths: &Paths) -> Result<()> {
     Ok(())
 }
 
-fn download_target(paths: &Paths, key: &str, output: Option<&Path>, all: bool) -> PathBuf {
+/// Where a downloaded key goes. A path derived from the key (no `--output FILE`) goes through
+/// the store's key check.
+fn download_target(
+    paths: &Paths,
+    key: &str,
+    output: Option<&Path>,
+    all: bool,
+) -> infra_store::Result<PathBuf> {
     match output {
-        Some(o) if all || o.is_dir() => {
-            let base = key.rsplit('/').next().unwrap_or(key);
-            o.join(base.strip_suffix(infra_store::ZST_SUFFIX).unwrap_or(base))
-        }
-        Some(o) => o.to_path_buf(),
+        Some(o) if all || o.is_dir() => artifacts::target_in(o, key),
+        Some(o) => Ok(o.to_path_buf()),
         None => artifacts::local_target(paths, key),
     }
 }
@@ -587,8 +591,20 @@ async fn download(a: StoreDownloadArgs, paths: &Paths) -> Result<()> {
         }
     };
     let mut done = Vec::new();
+    let mut skipped = Vec::new();
     for key in keys {
-        let dest = download_target(paths, &key, a.output.as_deref(), a.all);
+        let dest = match download_target(paths, &key, a.output.as_deref(), a.all) {
+            Ok(d) => d,
+            Err(e @ infra_store::Error::UnsafeKey { .. }) => {
+                eprintln!(
+                    "warning: skipped {}: {e}",
+                    ctx.engine.store().url_of(&key).escape_debug()
+                );
+                skipped.push(key);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let s = if key.ends_with(infra_store::ZST_SUFFIX) {
             ctx.engine
                 .download_compressed(&key, &dest, a.version_id.as_deref())
@@ -605,6 +621,13 @@ async fn download(a: StoreDownloadArgs, paths: &Paths) -> Result<()> {
     }
     if a.json {
         print_json(&done)?;
+    }
+    if !skipped.is_empty() {
+        return Err(infra_store::Error::UnsafeKeysSkipped {
+            keys: skipped,
+            source_desc: ctx.engine.store().describe(),
+        }
+        .into());
     }
     Ok(())
 }
@@ -679,9 +702,26 @@ async fn sync(a: SyncArgs, paths: &Paths) -> Result<()> {
     )
     .await?;
     if a.json {
-        return print_json(&report);
+        print_json(&report)?;
+    } else {
+        print_sync_report(&report);
     }
+    // Unsafe keys were skipped (and named); the rest was transferred: exit non-zero.
+    if !report.skipped.is_empty() {
+        return Err(infra_store::Error::UnsafeKeysSkipped {
+            keys: report.skipped.iter().map(|s| s.key.clone()).collect(),
+            source_desc: src.describe(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+fn print_sync_report(report: &infra_store::sync::SyncReport) {
     let dry = if report.dry_run { "(dryrun) " } else { "" };
+    for s in &report.skipped {
+        eprintln!("warning: skipped {}: {}", s.from, s.reason);
+    }
     for act in &report.actions {
         let verb = match act.kind {
             ActionKind::Upload => "upload",
@@ -690,14 +730,18 @@ async fn sync(a: SyncArgs, paths: &Paths) -> Result<()> {
             ActionKind::Delete => "delete",
         };
         if act.kind == ActionKind::Delete {
-            println!("{dry}{verb}: {}", act.to);
+            println!("{dry}{verb}: {}", act.to.escape_debug());
         } else {
-            println!("{dry}{verb}: {} to {}", act.from, act.to);
+            println!(
+                "{dry}{verb}: {} to {}",
+                act.from.escape_debug(),
+                act.to.escape_debug()
+            );
         }
     }
     let count = |k: ActionKind| report.actions.iter().filter(|a| a.kind == k).count();
     println!(
-        "{} transferred ({}), {} deleted, {} unchanged, {} filtered out{} in {:.1} s",
+        "{} transferred ({}), {} deleted, {} unchanged, {} filtered out{}{} in {:.1} s",
         report.actions.len() - count(ActionKind::Delete),
         human_mb(
             report
@@ -710,6 +754,11 @@ async fn sync(a: SyncArgs, paths: &Paths) -> Result<()> {
         count(ActionKind::Delete),
         report.unchanged,
         report.filtered_out,
+        if report.skipped.is_empty() {
+            String::new()
+        } else {
+            format!(", {} skipped (unsafe keys)", report.skipped.len())
+        },
         if report.dry_run {
             " (dry run: nothing changed)"
         } else {
@@ -717,7 +766,6 @@ async fn sync(a: SyncArgs, paths: &Paths) -> Result<()> {
         },
         report.seconds
     );
-    Ok(())
 }
 
 async fn init(a: InitArgs, paths: &Paths) -> Result<()> {
@@ -953,26 +1001,6 @@ pub async fn ensure_local_image(name: &str, paths: &Paths) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Exit code for a store error (see `exit_code` in main.rs).
-pub fn exit_code(e: &infra_store::Error) -> i32 {
-    use infra_store::Error as E;
-    match e {
-        E::NoSuchBucket { .. }
-        | E::NoSuchKey { .. }
-        | E::ChecksumMismatch { .. }
-        | E::SourceMismatch { .. }
-        | E::Corrupt { .. } => crate::exit::BAD_INPUT,
-        E::NoCredentials { .. }
-        | E::BadCredentials { .. }
-        | E::AccessDenied { .. }
-        | E::WrongRegion { .. }
-        | E::Unreachable { .. }
-        | E::Unsupported { .. } => crate::exit::PREREQUISITE,
-        E::Invalid { .. } | E::Config { .. } => crate::exit::USAGE,
-        _ => crate::exit::FAILURE,
-    }
 }
 
 #[cfg(test)]

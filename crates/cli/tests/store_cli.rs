@@ -345,3 +345,118 @@ fn local_store_is_the_default_and_works_offline() {
     let o = run(h, None, &["store", "ls", "-b", "s3://A_B"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+fn aws(g: &Garage, args: &[&str]) {
+    let mut c = Command::new("aws");
+    c.args(["--endpoint-url", &g.endpoint(), "--region", "garage"])
+        .args(args)
+        .env_remove("AWS_PROFILE");
+    for (k, v) in g.env() {
+        c.env(k, v);
+    }
+    let o = c.output().unwrap_or_else(|e| {
+        panic!("the aws CLI is needed for this test (pip install awscli): {e}")
+    });
+    assert!(o.status.success(), "aws {args:?}: {}", stderr(&o));
+}
+
+/// `store sync s3://… DIR` and `store download` with keys planted through the AWS CLI that
+/// are not safe as local paths: each is skipped with a warning naming it, the other objects
+/// are transferred, nothing is written outside DIR, and the command exits 3.
+#[tokio::test]
+async fn sync_and_download_skip_unsafe_keys() {
+    let g = Garage::start().await;
+    g.create_bucket("hostile").await;
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let body = h.join("body");
+    std::fs::write(&body, b"planted").unwrap();
+    let hostile = ["../../x", "a/../b", "a//b", "./dot"];
+    for key in hostile.iter().chain(&["good.txt", "dir/ok.bin"]) {
+        aws(
+            &g,
+            &[
+                "s3api",
+                "put-object",
+                "--bucket",
+                "hostile",
+                "--key",
+                key,
+                "--body",
+                body.to_str().unwrap(),
+            ],
+        );
+    }
+    let dest = h.join("one/two");
+    let o = run(
+        h,
+        Some(&g),
+        &["store", "sync", "s3://hostile", dest.to_str().unwrap()],
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(3), "{err}\n{}", stdout(&o));
+    for key in hostile {
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with("warning: skipped") && l.contains(&format!("'{key}'"))),
+            "{key} not named: {err}"
+        );
+    }
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.starts_with("error: 4 object keys are not safe as local paths"),
+        "{err}"
+    );
+    assert!(
+        stdout(&o).contains("4 skipped (unsafe keys)"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(std::fs::read(dest.join("good.txt")).unwrap(), b"planted");
+    assert_eq!(std::fs::read(dest.join("dir/ok.bin")).unwrap(), b"planted");
+    assert!(!h.join("x").exists() && !dest.join("b").exists());
+
+    // `store download KEY -o DIR` and to the images directory: refused, nothing written.
+    let out = h.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    for args in [
+        vec!["store", "download", "a/../b", "-o", out.to_str().unwrap()],
+        vec!["store", "download", "a//b"],
+    ] {
+        let mut args = args;
+        args.extend(["-b", "s3://hostile"]);
+        let o = run(h, Some(&g), &args);
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("warning: skipped"), "{}", stderr(&o));
+    }
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+    assert!(!h.join("images/b").exists());
+}
+
+/// The same refusal with the local store as the source: a link planted in the destination
+/// directory is not written through; exit 3 names the key.
+#[test]
+fn sync_from_local_store_does_not_follow_links() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let src = h.join("src");
+    std::fs::create_dir_all(src.join("link")).unwrap();
+    std::fs::write(src.join("link/evil.txt"), b"x").unwrap();
+    std::fs::write(src.join("fine.txt"), b"y").unwrap();
+    let store = format!("file://{}", h.join("store").display());
+    ok(run(
+        h,
+        None,
+        &["store", "sync", src.to_str().unwrap(), &store],
+    ));
+    let dest = h.join("dest");
+    let outside = h.join("outside");
+    std::fs::create_dir_all(&dest).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, dest.join("link")).unwrap();
+    let o = run(h, None, &["store", "sync", &store, dest.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("'link/evil.txt'"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    assert_eq!(std::fs::read(dest.join("fine.txt")).unwrap(), b"y");
+}

@@ -6,7 +6,156 @@
 
 use std::ffi::OsString;
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+/// Mode of directories only this user reads: run and cache directories.
+pub const PRIVATE_DIR: u32 = 0o700;
+/// Mode of the run directory: VMM processes, each under a uid of its own, must reach their own
+/// VM directory inside it (search), but cannot list it or enter another VM's directory (0700).
+pub const TRAVERSE_DIR: u32 = 0o711;
+/// Mode of directories other users must read: the home (it holds the kernel) and images.
+pub const SHARED_READ_DIR: u32 = 0o755;
+
+/// Why one of infra.operator's host directories cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DirError {
+    /// The directory could not be created or inspected.
+    #[error("cannot create or inspect {}: check the parent directory's permissions, or set \
+             INFRA_OPERATOR_HOME to a directory of your own", path.display())]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// The system error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The path exists and is not a directory.
+    #[error("{} exists and is not a directory: remove it, or set INFRA_OPERATOR_HOME to another \
+             place", path.display())]
+    NotADirectory {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The directory (or a link naming it) belongs to another user, who could swap its
+    /// content.
+    #[error("{} belongs to uid {owner}, not to this user (uid {euid}): refusing to use it; \
+             remove it, `chown {euid} {}` it, or set INFRA_OPERATOR_HOME to a directory of your \
+             own", path.display(), path.display())]
+    WrongOwner {
+        /// The directory.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// This process's effective uid.
+        euid: u32,
+    },
+    /// The directory is writable by its group or by everyone, who could plant files in it.
+    #[error("{} is writable by group or others (mode {mode:03o}): refusing to use it; \
+             `chmod go-w {}` it, or set INFRA_OPERATOR_HOME to a directory of your own",
+             path.display(), path.display())]
+    Writable {
+        /// The directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+/// Creates one of infra.operator's host directories (run, cache, images, home) with `mode`
+/// ([`PRIVATE_DIR`] or [`SHARED_READ_DIR`]), parents included, or verifies the one that is
+/// there: it must be a directory owned by this user (a link to it too), not writable by group
+/// or others. Anything else is refused with a [`DirError`] that says what to do. The one
+/// function every crate uses for these directories.
+pub fn ensure_dir(path: &Path, mode: u32) -> Result<(), DirError> {
+    let io = |source| DirError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            match std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(path)
+            {
+                Ok(()) => {
+                    // Exactly `mode`, whatever the umask.
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                        .map_err(io)?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io(e)),
+            }
+        }
+        Err(e) => return Err(io(e)),
+        Ok(_) => {}
+    }
+    verify_dir(path)
+}
+
+/// The checks of [`ensure_dir`] on an existing directory.
+pub fn verify_dir(path: &Path) -> Result<(), DirError> {
+    let io = |source| DirError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let euid = nix::unistd::geteuid().as_raw();
+    let link = std::fs::symlink_metadata(path).map_err(io)?;
+    // A link is followed only when this user (or root, the administrator) made it.
+    if link.file_type().is_symlink() && link.uid() != euid && link.uid() != 0 {
+        return Err(DirError::WrongOwner {
+            path: path.to_path_buf(),
+            owner: link.uid(),
+            euid,
+        });
+    }
+    let md = std::fs::metadata(path).map_err(io)?;
+    if !md.is_dir() {
+        return Err(DirError::NotADirectory {
+            path: path.to_path_buf(),
+        });
+    }
+    if md.uid() != euid {
+        return Err(DirError::WrongOwner {
+            path: path.to_path_buf(),
+            owner: md.uid(),
+            euid,
+        });
+    }
+    let perm = md.mode() & 0o7777;
+    if perm & 0o022 != 0 {
+        return Err(DirError::Writable {
+            path: path.to_path_buf(),
+            mode: perm,
+        });
+    }
+    Ok(())
+}
+
+/// Where VM directories (sockets, logs) go: `$INFRA_OPERATOR_HOME/run` when that is set, else
+/// `/run/infra-operator` for root, else `$XDG_RUNTIME_DIR/infra-operator`, else `run` under
+/// this user's data directory. Never a shared temporary directory.
+pub fn default_run_dir() -> PathBuf {
+    if let Some(home) = std::env::var_os(HOME_ENV).filter(|h| !h.is_empty()) {
+        return PathBuf::from(home).join("run");
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/run/infra-operator");
+    }
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .filter(|d| !d.is_empty())
+        .map(|d| PathBuf::from(d).join("infra-operator"))
+        .unwrap_or_else(|| Paths::from_env().home.join("run"))
+}
+
+/// This user's home from the password database (when `HOME` is unset).
+fn passwd_home() -> Option<OsString> {
+    nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map(|u| u.dir.into_os_string())
+}
 
 /// Finds an executable on `PATH` or in the sbin directories (root's tools live there and are
 /// not on every user's `PATH`). The one lookup every crate uses for host tools.
@@ -47,11 +196,15 @@ impl Paths {
             std::env::var_os(HOME_ENV),
             nix::unistd::geteuid().is_root(),
             std::env::var_os("XDG_DATA_HOME"),
-            std::env::var_os("HOME"),
+            std::env::var_os("HOME")
+                .filter(|h| !h.is_empty())
+                .or_else(passwd_home),
         )
     }
 
-    /// Pure resolution, separated from the environment so it can be tested.
+    /// Pure resolution, separated from the environment so it can be tested. With no home at
+    /// all the user layout goes under `/nonexistent` (so creating it fails with a clear error)
+    /// rather than into a shared temporary directory.
     pub fn resolve(
         override_home: Option<OsString>,
         is_root: bool,
@@ -66,8 +219,12 @@ impl Paths {
                     .filter(|v| !v.is_empty())
                     .map(PathBuf::from)
                     .unwrap_or_else(|| {
-                        PathBuf::from(user_home.unwrap_or_else(|| "/tmp".into()))
-                            .join(".local/share")
+                        PathBuf::from(
+                            user_home
+                                .filter(|h| !h.is_empty())
+                                .unwrap_or_else(|| "/nonexistent".into()),
+                        )
+                        .join(".local/share")
                     });
                 data.join("infra-operator")
             }
@@ -99,6 +256,13 @@ impl Paths {
     /// Content-addressed blob cache (`cache/blobs/sha256/<hex>`).
     pub fn blobs(&self) -> PathBuf {
         self.cache.join("blobs")
+    }
+
+    /// Creates (or verifies) the home 0755, images 0755 and cache 0700 with [`ensure_dir`].
+    pub fn ensure_dirs(&self) -> Result<(), DirError> {
+        ensure_dir(&self.home, SHARED_READ_DIR)?;
+        ensure_dir(&self.images, SHARED_READ_DIR)?;
+        ensure_dir(&self.cache, PRIVATE_DIR)
     }
 }
 
@@ -178,6 +342,88 @@ mod tests {
             Paths::manifest_for(&p.image("go")),
             Path::new("/o/images/rootfs-go.json")
         );
+    }
+
+    #[test]
+    fn no_home_never_means_a_shared_tmp() {
+        let p = Paths::resolve(None, false, None, None);
+        assert!(!p.home.starts_with("/tmp"), "{}", p.home.display());
+        let p = Paths::resolve(None, false, Some("".into()), Some("".into()));
+        assert!(!p.home.starts_with("/tmp"), "{}", p.home.display());
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn dirs_are_created_with_their_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path().join("a/run");
+        ensure_dir(&run, PRIVATE_DIR).unwrap();
+        assert_eq!(mode_of(&run), 0o700);
+        let images = d.path().join("home/images");
+        ensure_dir(&images, SHARED_READ_DIR).unwrap();
+        assert_eq!(mode_of(&images), 0o755);
+        // Existing and fine: accepted again, mode left as it is.
+        ensure_dir(&images, PRIVATE_DIR).unwrap();
+        assert_eq!(mode_of(&images), 0o755);
+        let paths = Paths::under(d.path().join("h2"));
+        paths.ensure_dirs().unwrap();
+        assert_eq!(mode_of(&paths.cache), 0o700);
+        assert_eq!(mode_of(&paths.home), 0o755);
+    }
+
+    #[test]
+    fn group_or_world_writable_dirs_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        for mode in [0o777, 0o1777, 0o770, 0o702] {
+            let p = d.path().join(format!("w{mode:o}"));
+            std::fs::create_dir(&p).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = ensure_dir(&p, PRIVATE_DIR).unwrap_err();
+            assert!(matches!(e, DirError::Writable { .. }), "{mode:o}: {e}");
+            assert!(e.to_string().contains("chmod go-w"), "{e}");
+        }
+    }
+
+    #[test]
+    /// Needs root (to chown to uid 65534), as CI runs.
+    fn dirs_of_another_user_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let nobody = nix::unistd::Uid::from_raw(65534);
+        let p = d.path().join("theirs");
+        std::fs::create_dir(&p).unwrap();
+        nix::unistd::chown(&p, Some(nobody), None).unwrap();
+        let e = ensure_dir(&p, PRIVATE_DIR).unwrap_err();
+        assert!(
+            matches!(e, DirError::WrongOwner { owner: 65534, .. }),
+            "{e}"
+        );
+        // A link made by another user, even to our own directory, is refused too.
+        let mine = d.path().join("mine");
+        ensure_dir(&mine, PRIVATE_DIR).unwrap();
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&mine, &link).unwrap();
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            &link,
+            Some(nobody),
+            None,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+        assert!(matches!(
+            ensure_dir(&link, PRIVATE_DIR),
+            Err(DirError::WrongOwner { .. })
+        ));
+        // Not a directory.
+        let f = d.path().join("file");
+        std::fs::write(&f, b"x").unwrap();
+        assert!(matches!(
+            ensure_dir(&f, PRIVATE_DIR),
+            Err(DirError::NotADirectory { .. })
+        ));
     }
 
     #[test]

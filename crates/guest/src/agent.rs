@@ -53,6 +53,10 @@ pub struct AgentOptions {
     /// The image's environment (OCI config `Env`), under the language and request env.
     /// Its `PATH`, if any, is the base the language's directories are prepended to.
     pub base_env: BTreeMap<String, String>,
+    /// Shared secret the host must send in `hello` on TCP listeners that are not loopback.
+    /// Such a listener is refused without one; loopback, Unix, vsock and serial listeners do
+    /// not ask for it.
+    pub token: Option<String>,
 }
 
 impl Default for AgentOptions {
@@ -63,6 +67,7 @@ impl Default for AgentOptions {
             run_as: None,
             pid1: Pid1Mode::Auto,
             base_env: BTreeMap::new(),
+            token: None,
         }
     }
 }
@@ -101,7 +106,8 @@ impl ShutdownHandle {
 }
 
 enum Bound {
-    Tcp(TcpListener),
+    /// With the token its connections must present (non-loopback addresses).
+    Tcp(TcpListener, Option<Arc<str>>),
     Unix(UnixListener, PathBuf),
     Vsock(VsockListener, u32),
     Serial(PathBuf),
@@ -127,6 +133,11 @@ impl Agent {
     /// Does not perform PID-1 setup; [`run_agent`] does that first when asked.
     pub async fn bind(opts: AgentOptions) -> Result<Agent, AgentError> {
         let pid1 = opts.pid1.active();
+        let token: Option<Arc<str>> = match &opts.token {
+            Some(t) if t.trim().is_empty() => return Err(AgentError::EmptyToken),
+            Some(t) => Some(Arc::from(t.as_str())),
+            None => None,
+        };
         let run_as = opts
             .run_as
             .or_else(|| nix::unistd::geteuid().is_root().then_some(DEFAULT_RUN_AS));
@@ -154,8 +165,16 @@ impl Agent {
             match uri {
                 ListenUri::Tcp(a) => {
                     let l = TcpListener::bind(a.as_str()).await.map_err(bind_err)?;
-                    addrs.push(BoundAddr::Tcp(l.local_addr().map_err(bind_err)?));
-                    bound.push(Bound::Tcp(l));
+                    let local = l.local_addr().map_err(bind_err)?;
+                    // Decided on the bound address, so names and 0.0.0.0 count as what they are.
+                    let needs_token = !local.ip().to_canonical().is_loopback();
+                    if needs_token && token.is_none() {
+                        return Err(AgentError::TokenRequired {
+                            uri: uri.to_string(),
+                        });
+                    }
+                    addrs.push(BoundAddr::Tcp(local));
+                    bound.push(Bound::Tcp(l, token.clone().filter(|_| needs_token)));
                 }
                 ListenUri::Unix(p) => {
                     // A stale socket from an earlier run would make bind fail.
@@ -333,24 +352,24 @@ pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
 
 async fn accept_loop(shared: Arc<Shared>, bound: Bound) {
     match bound {
-        Bound::Tcp(l) => loop {
+        Bound::Tcp(l, token) => loop {
             match l.accept().await {
                 Ok((s, peer)) => {
                     let _ = s.set_nodelay(true);
-                    spawn_conn(&shared, s, peer.to_string());
+                    spawn_conn(&shared, s, peer.to_string(), token.clone());
                 }
                 Err(e) => accept_error(&e).await,
             }
         },
         Bound::Unix(l, path) => loop {
             match l.accept().await {
-                Ok((s, _)) => spawn_conn(&shared, s, format!("unix:{}", path.display())),
+                Ok((s, _)) => spawn_conn(&shared, s, format!("unix:{}", path.display()), None),
                 Err(e) => accept_error(&e).await,
             }
         },
         Bound::Vsock(l, port) => loop {
             match l.accept().await {
-                Ok(s) => spawn_conn(&shared, s, format!("vsock:{port}")),
+                Ok(s) => spawn_conn(&shared, s, format!("vsock:{port}"), None),
                 Err(e) => accept_error(&e).await,
             }
         },
@@ -360,7 +379,7 @@ async fn accept_loop(shared: Arc<Shared>, bound: Bound) {
             match open_serial(&dev) {
                 Ok(s) => {
                     let peer = format!("serial:{}", dev.display());
-                    handle_conn(Arc::clone(&shared), Box::new(s), peer).await;
+                    handle_conn(Arc::clone(&shared), Box::new(s), peer, None).await;
                 }
                 Err(e) => {
                     tracing::warn!(dev = %dev.display(), error = %e, "cannot open serial port")
@@ -381,8 +400,29 @@ fn spawn_conn<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     shared: &Arc<Shared>,
     stream: S,
     peer: String,
+    token: Option<Arc<str>>,
 ) {
-    tokio::spawn(handle_conn(Arc::clone(shared), Box::new(stream), peer));
+    tokio::spawn(handle_conn(
+        Arc::clone(shared),
+        Box::new(stream),
+        peer,
+        token,
+    ));
+}
+
+/// Whether `given` is `want`, in time that depends only on the lengths (no early exit on the
+/// first differing byte, so the answer time does not leak how much of a guess was right).
+fn token_matches(given: Option<&str>, want: &str) -> bool {
+    let Some(given) = given else {
+        return false;
+    };
+    let (a, b) = (given.as_bytes(), want.as_bytes());
+    let mut diff = (a.len() ^ b.len()) as u64;
+    for (i, &y) in b.iter().enumerate() {
+        let x = a.get(i).copied().unwrap_or(0);
+        diff |= u64::from(x ^ y);
+    }
+    std::hint::black_box(diff) == 0
 }
 
 /// Writes one reply. One that cannot be framed (over `MAX_FRAME`, or not encodable) is
@@ -405,8 +445,14 @@ type WrittenAck = Arc<Mutex<Option<(u64, oneshot::Sender<()>)>>>;
 type Inflight = Arc<Mutex<HashMap<u64, Arc<ExecHandle>>>>;
 
 /// Serves one connection until EOF, a broken frame, or agent shutdown. Malformed requests get
-/// an error reply and the connection goes on.
-async fn handle_conn(shared: Arc<Shared>, stream: Box<dyn Conn>, peer: String) {
+/// an error reply and the connection goes on. With `token`, a `hello` must carry it; a missing
+/// or wrong one gets `unauthorized` and the connection is closed.
+async fn handle_conn(
+    shared: Arc<Shared>,
+    stream: Box<dyn Conn>,
+    peer: String,
+    token: Option<Arc<str>>,
+) {
     let span = tracing::info_span!("conn", %peer);
     async move {
         tracing::debug!("connected");
@@ -465,6 +511,20 @@ async fn handle_conn(shared: Arc<Shared>, stream: Box<dyn Conn>, peer: String) {
             };
             let id = req.id;
             if let RequestBody::Hello(h) = &req.body {
+                if let Some(want) = &token {
+                    if !token_matches(h.token.as_deref(), want) {
+                        tracing::warn!(client = %h.client, "hello without the right token; closing");
+                        let _ = reply_tx
+                            .send(Reply::error(
+                                Some(id),
+                                ErrorCode::Unauthorized,
+                                "this listener requires the agent's token in hello (missing or \
+                                 wrong)",
+                            ))
+                            .await;
+                        break;
+                    }
+                }
                 let reply = if h.version == PROTOCOL_VERSION {
                     said_hello = true;
                     tracing::debug!(client = %h.client, "hello");

@@ -33,6 +33,19 @@ pub enum AgentError {
         /// The addresses that were tried, comma-separated.
         tried: String,
     },
+    /// A TCP listen address that is not loopback was given without a token.
+    #[error(
+        "refusing to listen on {uri} without a token: anyone who can reach this address could \
+         run code; pass --token-file FILE (the host sends its content in hello), or listen on \
+         127.0.0.1, vsock or serial instead"
+    )]
+    TokenRequired {
+        /// The listen address.
+        uri: String,
+    },
+    /// The token is empty (an empty or blank token file).
+    #[error("the agent token is empty: put a long random secret in the --token-file")]
+    EmptyToken,
     /// The workspace directory could not be prepared.
     #[error("cannot prepare workspace {path}: {source}")]
     Workspace {

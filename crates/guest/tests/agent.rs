@@ -51,6 +51,7 @@ impl Client {
             .send(RequestBody::Hello(Hello {
                 version: PROTOCOL_VERSION,
                 client: "test".into(),
+                token: None,
             }))
             .await;
         match c.recv().await {
@@ -466,6 +467,7 @@ async fn hello_is_required_and_versions_are_checked() {
         body: RequestBody::Hello(Hello {
             version: PROTOCOL_VERSION + 1,
             client: "future".into(),
+            token: None,
         }),
     };
     write_message_async(&mut s, &hello).await.unwrap();
@@ -638,6 +640,7 @@ async fn unix_socket_listener_works() {
         body: RequestBody::Hello(Hello {
             version: PROTOCOL_VERSION,
             client: "t".into(),
+            token: None,
         }),
     };
     write_message_async(&mut s, &hello).await.unwrap();

@@ -74,6 +74,7 @@ async fn reap_all_mode_runs_execs_reports_spawn_failures_and_reaps_orphans() {
         body: RequestBody::Hello(Hello {
             version: PROTOCOL_VERSION,
             client: "t".into(),
+            token: None,
         }),
     };
     write_message_async(&mut s, &hello).await.unwrap();

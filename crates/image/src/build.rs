@@ -87,8 +87,13 @@ pub async fn build(req: &BuildRequest, paths: &Paths, progress: &dyn Progress) -
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    std::fs::create_dir_all(&out_dir).ctx("create", &out_dir)?;
-    std::fs::create_dir_all(&paths.cache).ctx("create", &paths.cache)?;
+    if out_dir == paths.images {
+        infra_config::ensure_dir(&out_dir, infra_config::SHARED_READ_DIR)?;
+    } else {
+        // `--output` elsewhere: the user's choice of place.
+        std::fs::create_dir_all(&out_dir).ctx("create", &out_dir)?;
+    }
+    infra_config::ensure_dir(&paths.cache, infra_config::PRIVATE_DIR)?;
     let work = tempfile::Builder::new()
         .prefix("build-")
         .tempdir_in(&paths.cache)

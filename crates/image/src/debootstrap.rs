@@ -111,7 +111,7 @@ pub fn stage(root: &Path, opts: &CreateOptions) -> Result<Staged> {
 fn debootstrap(root: &Path, opts: &CreateOptions, suite: &str, mirror: &str) -> Result<Staged> {
     let bin = tools::find("debootstrap", "debootstrap")?;
     let cache = opts.cache_dir.join(format!("debootstrap-{suite}"));
-    std::fs::create_dir_all(&cache).ctx("create", &cache)?;
+    infra_config::ensure_dir(&cache, infra_config::PRIVATE_DIR)?;
     let mut cmd = Command::new(bin);
     cmd.arg("--variant=minbase")
         .arg(format!("--cache-dir={}", cache.display()));

@@ -148,6 +148,9 @@ pub enum Error {
         /// Its directory, for the df hint.
         dir: PathBuf,
     },
+    /// A host directory (images, cache) is another user's or writable by others.
+    #[error(transparent)]
+    HostDir(#[from] infra_config::DirError),
     /// A filesystem operation failed.
     #[error("cannot {action} {path}")]
     Io {

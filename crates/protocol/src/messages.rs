@@ -50,6 +50,11 @@ pub struct Hello {
     /// Free-form client name and version, for logs.
     #[serde(default)]
     pub client: String,
+    /// The shared secret of an agent listening on a non-loopback TCP address
+    /// (`guest --token-file`); compared in constant time. Optional: left out on the wire when
+    /// `None`, and ignored by agents that do not ask for one (older agents ignore the field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// Run a program: write `code` to the language's source file, build it if the language has a
@@ -345,6 +350,9 @@ pub enum ErrorCode {
     VersionMismatch,
     /// A request other than `hello` came before a successful `hello`.
     HelloRequired,
+    /// The `hello` lacked the token this listener requires, or carried a wrong one; the agent
+    /// closes the connection after this reply.
+    Unauthorized,
     /// The id is already in use by a request still in flight.
     DuplicateId,
     /// The exec's language is not in the table.
@@ -374,6 +382,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::VersionMismatch => "version_mismatch",
             ErrorCode::HelloRequired => "hello_required",
+            ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::DuplicateId => "duplicate_id",
             ErrorCode::UnknownLanguage => "unknown_language",
             ErrorCode::NotFound => "not_found",

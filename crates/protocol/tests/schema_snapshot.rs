@@ -24,6 +24,7 @@ fn examples() -> Vec<(&'static str, serde_json::Value)> {
             RequestBody::Hello(Hello {
                 version: PROTOCOL_VERSION,
                 client: "infra.operator 0.1.0".into(),
+                token: None,
             }),
         ),
         ("request.exec", RequestBody::Exec(exec)),
@@ -51,6 +52,15 @@ fn examples() -> Vec<(&'static str, serde_json::Value)> {
         (
             "request.shutdown",
             RequestBody::Shutdown(Shutdown { poweroff: true }),
+        ),
+        // Added after the others, so their ids stay as they were.
+        (
+            "request.hello_with_token",
+            RequestBody::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                client: "infra.operator 0.1.0".into(),
+                token: Some("3f7c9a1e5b2d4c6f8a0b1c2d3e4f5a6b".into()),
+            }),
         ),
     ];
     let replies = [
@@ -122,6 +132,14 @@ fn examples() -> Vec<(&'static str, serde_json::Value)> {
                 id: Some(6),
                 code: ErrorCode::PathRefused,
                 message: "path must be relative to the workspace: /etc/passwd".into(),
+            },
+        ),
+        (
+            "reply.error_unauthorized",
+            Reply::Error {
+                id: Some(1),
+                code: ErrorCode::Unauthorized,
+                message: "this listener requires a token in hello".into(),
             },
         ),
         (

@@ -56,6 +56,7 @@ pub struct AgentClient<S> {
     reader: ReadHalf<S>,
     writer: WriteHalf<S>,
     next_id: u64,
+    token: Option<String>,
 }
 
 /// The short name of a reply type, for errors.
@@ -155,7 +156,14 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
             reader,
             writer,
             next_id: 1,
+            token: None,
         }
+    }
+
+    /// Sends `token` in `hello` (an agent on a non-loopback TCP address requires it).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
     }
 
     async fn send(&mut self, body: RequestBody) -> Result<u64, RunError> {
@@ -182,6 +190,7 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
             .send(RequestBody::Hello(Hello {
                 version: PROTOCOL_VERSION,
                 client: format!("infra.operator {}", env!("CARGO_PKG_VERSION")),
+                token: self.token.clone(),
             }))
             .await?;
         match self.recv().await? {

@@ -65,6 +65,9 @@ pub enum RunError {
         /// Their agent version string.
         agent_version: String,
     },
+    /// A host directory (run, cache) is another user's or writable by others.
+    #[error(transparent)]
+    HostDir(#[from] infra_config::DirError),
     /// A prerequisite is missing (VMM binary, image).
     #[error("{0}")]
     Prerequisite(String),

@@ -101,18 +101,9 @@ impl RunnerOptions {
     }
 }
 
-/// `$INFRA_OPERATOR_HOME/run` when that is set (tests, several installs on one host), else
-/// `/run/infra-operator` for root, else `$XDG_RUNTIME_DIR/infra-operator`, else the temp dir.
+/// Where VM directories go: [`infra_config::default_run_dir`] (never a shared temp dir).
 pub fn default_run_dir() -> PathBuf {
-    if let Some(home) = std::env::var_os(infra_config::HOME_ENV).filter(|h| !h.is_empty()) {
-        return PathBuf::from(home).join("run");
-    }
-    if nix::unistd::geteuid().is_root() {
-        return PathBuf::from("/run/infra-operator");
-    }
-    std::env::var_os("XDG_RUNTIME_DIR")
-        .map(|d| PathBuf::from(d).join("infra-operator"))
-        .unwrap_or_else(|| std::env::temp_dir().join("infra-operator"))
+    infra_config::default_run_dir()
 }
 
 /// Guest memory kept out of the program's cgroup for the kernel, page cache and the agent.
@@ -276,7 +267,10 @@ impl Runner {
                 reason: reason.to_string(),
             },
         );
-        let _ = std::fs::create_dir_all(&self.cache);
+        // Best effort: no verdict is written into a directory that fails the checks.
+        if infra_config::ensure_dir(&self.cache, infra_config::PRIVATE_DIR).is_err() {
+            return;
+        }
         let _ = infra_config::write_atomic(
             &self.verdict_path(),
             &serde_json::to_vec_pretty(&all).unwrap_or_default(),

@@ -16,8 +16,7 @@ use crate::error::RunError;
 pub fn fetch_kernel(paths: &Paths, package: Option<&str>) -> Result<KernelManifest, RunError> {
     let wanted = package.unwrap_or(infra_vmm::kernel::DEFAULT_PACKAGE);
     let concrete = resolve_package(wanted)?;
-    std::fs::create_dir_all(&paths.cache)
-        .map_err(|e| infra_vmm::KernelError::io(&paths.cache, e))?;
+    infra_config::ensure_dir(&paths.cache, infra_config::PRIVATE_DIR)?;
     let work = tempfile::Builder::new()
         .prefix("kernel-")
         .tempdir_in(&paths.cache)

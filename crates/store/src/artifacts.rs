@@ -62,14 +62,31 @@ pub fn is_artifact_key(key: &str) -> bool {
 }
 
 /// Where an artifact key goes locally: images to the images directory, the kernel to its path,
-/// anything else to the images directory under its base name.
-pub fn local_target(paths: &Paths, key: &str) -> PathBuf {
+/// anything else to the images directory under its base name. The key is untrusted: it goes
+/// through [`crate::keys::check_key`] first ([`Error::UnsafeKey`] when refused).
+pub fn local_target(paths: &Paths, key: &str) -> Result<PathBuf> {
     if key == KERNEL_KEY {
-        return paths.kernel.clone();
+        return Ok(paths.kernel.clone());
     }
+    target_in(&paths.images, key)
+}
+
+/// `dir/{base name of key}` (less `.zst`), after the key check.
+pub fn target_in(dir: &Path, key: &str) -> Result<PathBuf> {
+    crate::keys::check_key(key).map_err(|problem| Error::UnsafeKey {
+        key: key.to_string(),
+        problem,
+    })?;
     let base = key.rsplit('/').next().unwrap_or(key);
     let base = base.strip_suffix(ZST_SUFFIX).unwrap_or(base);
-    paths.images.join(base)
+    crate::keys::safe_key_path(dir, base).map_err(|e| match e {
+        // `x/.zst` leaves an empty name: report the whole key.
+        Error::UnsafeKey { problem, .. } => Error::UnsafeKey {
+            key: key.to_string(),
+            problem,
+        },
+        other => other,
+    })
 }
 
 /// Local files `--all` uploads: `rootfs-*.ext4`, their manifests and the kernel, with keys.
@@ -294,13 +311,26 @@ mod tests {
         assert!(!is_artifact_key("snapshots/python/x"));
         assert!(!is_artifact_key("notes.txt"));
         assert_eq!(
-            local_target(&p, "rootfs-go.ext4.zst"),
+            local_target(&p, "rootfs-go.ext4.zst").unwrap(),
             Path::new("/srv/firecracker/images/rootfs-go.ext4")
         );
         assert_eq!(
-            local_target(&p, "vmlinux"),
+            local_target(&p, "vmlinux").unwrap(),
             Path::new("/srv/firecracker/vmlinux")
         );
+        for hostile in [
+            "x/..",
+            "../../etc/cron.d/x",
+            "/etc/passwd",
+            "a//b",
+            ".zst",
+            "d/.zst",
+        ] {
+            assert!(
+                matches!(local_target(&p, hostile), Err(Error::UnsafeKey { .. })),
+                "{hostile}"
+            );
+        }
         assert!(check_name("../x").is_err());
         let objs: Vec<ObjectInfo> = [
             "rootfs-python.ext4",

@@ -10,6 +10,7 @@
 //! transfers restart instead of resuming (the stream cannot be entered in the middle).
 
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Instant;
 
@@ -347,6 +348,7 @@ impl Engine {
             .write(true)
             .create(true)
             .truncate(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&tmp)
             .ctx("create", &tmp)?;
         if let Some(s) = expected_size {

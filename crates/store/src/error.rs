@@ -261,6 +261,36 @@ pub enum Error {
         reason: String,
     },
 
+    /// An object key cannot be used as a local path (see [`crate::keys`]).
+    #[error(
+        "object key '{}' is not safe as a local path: {problem}; nothing was written for it \
+         (rename or delete the object in the store)",
+        crate::keys::display_key(key)
+    )]
+    UnsafeKey {
+        /// The key as the store gave it.
+        key: String,
+        /// What is wrong with it.
+        problem: crate::keys::KeyProblem,
+    },
+
+    /// A sync or download skipped keys that are not safe as local paths; everything else was
+    /// transferred.
+    #[error(
+        "{} object key{} not safe as local paths and {} skipped ({}); the other objects were \
+         transferred; rename or delete these objects in {source_desc}",
+        keys.len(),
+        if keys.len() == 1 { " is" } else { "s are" },
+        if keys.len() == 1 { "was" } else { "were" },
+        crate::keys::list_for_message(keys)
+    )]
+    UnsafeKeysSkipped {
+        /// The skipped keys.
+        keys: Vec<String>,
+        /// The store they came from.
+        source_desc: String,
+    },
+
     /// The config file cannot be read or parsed.
     #[error("config file {} is not valid: {reason}", path.display())]
     Config {

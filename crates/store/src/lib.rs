@@ -17,6 +17,7 @@ pub mod cost;
 mod error;
 pub mod glob;
 mod hashes;
+pub mod keys;
 mod local;
 mod object;
 mod progress;
@@ -28,6 +29,7 @@ pub use compress::{ZSTD_LEVEL, ZST_SUFFIX};
 pub use config::{Location, Origin, StoreConfig, StoreFlags, CONFIG_ENV};
 pub use error::{CredentialProblem, Error, Result, ACCESS_DENIED_HINTS};
 pub use hashes::{etag_of_file, local_matches_etag, parse_etag, sha256_file, HashCache};
+pub use keys::{check_key, existing_key_path, prepare_key_path, safe_key_path, KeyProblem};
 pub use local::{LocalStore, STATE_DIR};
 pub use object::{
     BackendKind, Body, ByteChunks, GetOptions, GetResponse, InitOptions, InitStep, Metadata,

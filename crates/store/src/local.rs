@@ -122,30 +122,40 @@ impl LocalStore {
         self.state().join("tmp")
     }
 
+    /// Keys become paths here: the shared key check, plus the bookkeeping directory.
     fn check_key(&self, key: &str) -> Result<()> {
-        let bad = |reason: &str| Error::Invalid {
-            what: "object key",
-            value: key.to_string(),
-            reason: reason.to_string(),
-        };
-        if key.is_empty() || key.ends_with('/') {
-            return Err(bad("a key names a file: not empty, no trailing '/'"));
-        }
-        if key.starts_with('/')
-            || key
-                .split('/')
-                .any(|c| c.is_empty() || c == "." || c == "..")
-        {
-            return Err(bad(
-                "the local store refuses absolute keys and '.', '..' or empty components",
-            ));
-        }
-        if format!("{}{}", self.prefix, key).starts_with(STATE_DIR) {
-            return Err(bad(
-                "this name is reserved for the local store's bookkeeping",
-            ));
+        crate::keys::check_key(key).map_err(|problem| Error::UnsafeKey {
+            key: key.to_string(),
+            problem,
+        })?;
+        let full = format!("{}{}", self.prefix, key);
+        if full == STATE_DIR || full.starts_with(&format!("{STATE_DIR}/")) {
+            return Err(Error::UnsafeKey {
+                key: key.to_string(),
+                problem: crate::keys::KeyProblem::Reserved,
+            });
         }
         Ok(())
+    }
+
+    /// Upload ids name directories under `uploads/`: only the ids this store hands out.
+    fn check_upload_id(&self, key: &str, id: &str) -> Result<()> {
+        if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(())
+        } else {
+            Err(self.not_found(key, None))
+        }
+    }
+
+    /// Version ids name files under `versions/`: only the ids this store hands out.
+    fn check_version_id(&self, key: &str, v: &str) -> Result<()> {
+        let ok =
+            v == "null" || (v.len() == 29 && v.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
+        if ok {
+            Ok(())
+        } else {
+            Err(self.not_found(key, Some(v)))
+        }
     }
 
     fn config(&self) -> StoreConfigFile {
@@ -329,9 +339,9 @@ impl LocalStore {
         metadata: &Metadata,
     ) -> Result<PutResult> {
         let cfg = self.config();
-        let data = self.data_path(key);
+        // Parents are created beneath the root without following links.
+        let data = crate::keys::prepare_key_path(&self.root, &format!("{}{}", self.prefix, key))?;
         let parent = data.parent().unwrap_or(&self.root).to_path_buf();
-        std::fs::create_dir_all(&parent).ctx("create", &parent)?;
         self.retire_current(key, &cfg, false)?;
         let version_id = cfg.versioning.then(new_version_id);
         std::fs::rename(tmp, &data).ctx("rename", &data)?;
@@ -488,6 +498,9 @@ impl ObjectStore for LocalStore {
 
     async fn head(&self, key: &str, version_id: Option<&str>) -> Result<ObjectInfo> {
         self.check_key(key)?;
+        if let Some(v) = version_id {
+            self.check_version_id(key, v)?;
+        }
         let this = self.clone();
         let key = key.to_string();
         let version = version_id.map(str::to_string);
@@ -620,6 +633,7 @@ impl ObjectStore for LocalStore {
         number: i32,
         body: Body,
     ) -> Result<PartInfo> {
+        self.check_upload_id(key, upload_id)?;
         let this = self.clone();
         let key = key.to_string();
         let id = upload_id.to_string();
@@ -647,6 +661,7 @@ impl ObjectStore for LocalStore {
     }
 
     async fn list_parts(&self, key: &str, upload_id: &str) -> Result<Vec<PartInfo>> {
+        self.check_upload_id(key, upload_id)?;
         let this = self.clone();
         let key = key.to_string();
         let id = upload_id.to_string();
@@ -673,6 +688,8 @@ impl ObjectStore for LocalStore {
         upload_id: &str,
         parts: &[PartInfo],
     ) -> Result<PutResult> {
+        self.check_key(key)?;
+        self.check_upload_id(key, upload_id)?;
         let this = self.clone();
         let key = key.to_string();
         let id = upload_id.to_string();
@@ -725,7 +742,8 @@ impl ObjectStore for LocalStore {
         .await
     }
 
-    async fn abort_multipart(&self, _key: &str, upload_id: &str) -> Result<()> {
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<()> {
+        self.check_upload_id(key, upload_id)?;
         let dir = self.upload_dir(upload_id);
         blocking(move || {
             let _ = std::fs::remove_dir_all(&dir);
@@ -928,8 +946,85 @@ mod tests {
         assert!(s.list("").await.unwrap().is_empty());
         assert!(matches!(
             s.put("../x", Body::Bytes(Bytes::new()), &meta).await,
-            Err(Error::Invalid { .. })
+            Err(Error::UnsafeKey { .. })
         ));
+    }
+
+    /// Keys, upload ids and version ids become paths in this backend: hostile ones are refused
+    /// by every operation, and a link inside the store is not followed on write.
+    #[tokio::test]
+    async fn hostile_keys_ids_and_links_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("store");
+        let s = LocalStore::new(&root, "dev");
+        let none = Metadata::new();
+        let body = || Body::Bytes(Bytes::from_static(b"x"));
+        for key in [
+            "../x", "../../x", "/abs", "a//b", "a/../b", "a\0b", "./a", "",
+        ] {
+            assert!(
+                matches!(
+                    s.put(key, body(), &none).await,
+                    Err(Error::UnsafeKey { .. })
+                ),
+                "put {key:?}"
+            );
+            assert!(matches!(
+                s.head(key, None).await,
+                Err(Error::UnsafeKey { .. })
+            ));
+            assert!(matches!(s.delete(key).await, Err(Error::UnsafeKey { .. })));
+            assert!(matches!(
+                s.create_multipart(key, &none).await,
+                Err(Error::UnsafeKey { .. })
+            ));
+        }
+        // Under the prefix "dev/" this is an ordinary key.
+        assert!(s
+            .put(".infra-store/config.json", body(), &none)
+            .await
+            .is_ok());
+        let bare = LocalStore::new(&root, "");
+        assert!(matches!(
+            bare.put(".infra-store/config.json", body(), &none).await,
+            Err(Error::UnsafeKey { .. })
+        ));
+        // complete_multipart checks the key too (it publishes under it).
+        let id = s.create_multipart("ok", &none).await.unwrap();
+        let p = s.upload_part("ok", &id, 1, body()).await.unwrap();
+        assert!(matches!(
+            s.complete_multipart("../../escaped", &id, &[p]).await,
+            Err(Error::UnsafeKey { .. })
+        ));
+        assert!(!d.path().join("escaped").exists());
+        // Upload ids name directories: a hostile one must not remove anything outside.
+        let victim = d.path().join("victim");
+        std::fs::create_dir_all(&victim).unwrap();
+        std::fs::write(victim.join("keep"), b"x").unwrap();
+        let hostile_id = "../../../victim";
+        assert!(s.abort_multipart("ok", hostile_id).await.is_err());
+        assert!(s.list_parts("ok", hostile_id).await.is_err());
+        assert!(s.upload_part("ok", hostile_id, 1, body()).await.is_err());
+        assert!(victim.join("keep").is_file());
+        // Version ids name files: a hostile one reads nothing outside.
+        s.put("k", body(), &none).await.unwrap();
+        let e = s
+            .get(
+                "k",
+                &GetOptions {
+                    version_id: Some("../../../../victim/keep".into()),
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert!(matches!(e, Err(Error::NoSuchKey { .. })));
+        // A link planted inside the store is not followed when writing under it.
+        let outside = d.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("dev/link")).unwrap();
+        let e = s.put("link/x", body(), &none).await.unwrap_err();
+        assert!(matches!(e, Error::UnsafeKey { .. }), "{e}");
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
     }
 
     #[tokio::test]

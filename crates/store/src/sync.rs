@@ -46,6 +46,25 @@ impl SyncSide {
             Self::Store(s) => s.url_of(key),
         }
     }
+
+    /// Whether keys written to this side become local paths (a directory, or the local store).
+    fn keys_become_paths(&self) -> bool {
+        match self {
+            Self::Dir(_) => true,
+            Self::Store(s) => s.kind() == crate::object::BackendKind::Local,
+        }
+    }
+}
+
+/// A source key that was not transferred because it is not safe as a local path.
+#[derive(Debug, Clone, Serialize)]
+pub struct SkippedKey {
+    /// The key as the source listed it.
+    pub key: String,
+    /// Where it came from.
+    pub from: String,
+    /// Why it was skipped (one line, the key escaped).
+    pub reason: String,
 }
 
 /// Sync settings.
@@ -103,6 +122,9 @@ pub struct SyncReport {
     pub unchanged: usize,
     /// Keys left out by the filters.
     pub filtered_out: usize,
+    /// Keys skipped because they are not safe as local paths (see [`crate::keys`]); everything
+    /// else was transferred. The CLI exits non-zero when this is not empty.
+    pub skipped: Vec<SkippedKey>,
     /// Bytes moved.
     pub bytes: u64,
     /// Wall time in seconds.
@@ -134,7 +156,12 @@ fn walk_dir(root: &Path, dir: &Path, out: &mut BTreeMap<String, Entry>) -> Resul
             continue;
         }
         let path = e.path();
-        let md = std::fs::metadata(&path).ctx("stat", &path)?;
+        let md = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            // A dangling link: nothing to transfer or compare.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io("stat", &path, e)),
+        };
         if md.is_dir() {
             walk_dir(root, &path, out)?;
         } else if md.is_file() {
@@ -271,10 +298,18 @@ pub async fn sync(
     let mut actions = Vec::new();
     let mut unchanged = 0usize;
     let mut filtered_out = 0usize;
+    let mut skipped = Vec::new();
     for (key, s) in &src_list {
         if !included(&opts.filters, key) {
             filtered_out += 1;
             continue;
+        }
+        // Keys from a store are untrusted: one check before any becomes a local path.
+        if dst.keys_become_paths() {
+            if let Err(problem) = crate::keys::check_key(key) {
+                skipped.push(skipped_key(src, key, problem));
+                continue;
+            }
         }
         let kind = match (src, dst) {
             (SyncSide::Dir(_), SyncSide::Store(_)) => ActionKind::Upload,
@@ -348,50 +383,94 @@ pub async fn sync(
         actions,
         unchanged,
         filtered_out,
+        skipped,
         bytes: 0,
         seconds: 0.0,
     };
     if !opts.dry_run {
-        for a in &report.actions {
-            match (a.kind.clone(), src, dst) {
-                (ActionKind::Upload, SyncSide::Dir(root), SyncSide::Store(st)) => {
-                    let e = Engine::new(
-                        st.clone(),
-                        transfer.clone(),
-                        progress.clone(),
-                        hashes.clone(),
-                    );
-                    e.upload_file(&root.join(&a.key), &a.key, &Default::default())
-                        .await?;
+        let mut done = Vec::with_capacity(report.actions.len());
+        for a in std::mem::take(&mut report.actions) {
+            let r = perform(&a, src, dst, transfer, &progress, &hashes).await;
+            match r {
+                Ok(()) => {
+                    report.bytes += a.size;
+                    done.push(a);
                 }
-                (ActionKind::Download, SyncSide::Store(st), SyncSide::Dir(root)) => {
-                    let e = Engine::new(
-                        st.clone(),
-                        transfer.clone(),
-                        progress.clone(),
-                        hashes.clone(),
-                    );
-                    e.download_file(&a.key, &root.join(&a.key), None).await?;
+                // A link beneath the destination (found only when writing): skip this key.
+                Err(Error::UnsafeKey { key, problem }) => {
+                    report.skipped.push(skipped_key(src, &key, problem));
                 }
-                (ActionKind::Copy, SyncSide::Store(from), SyncSide::Store(to)) => {
-                    copy_object(&**from, to.clone(), &a.key, transfer, &*progress).await?;
-                }
-                (ActionKind::Delete, _, SyncSide::Store(st)) => st.delete(&a.key).await?,
-                (ActionKind::Delete, _, SyncSide::Dir(root)) => {
-                    let p = root.join(&a.key);
-                    match std::fs::remove_file(&p) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(Error::io("remove", &p, e)),
-                    }
-                }
-                _ => {}
+                Err(e) => return Err(e),
             }
-            report.bytes += a.size;
         }
+        report.actions = done;
     }
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
+}
+
+fn skipped_key(src: &SyncSide, key: &str, problem: crate::keys::KeyProblem) -> SkippedKey {
+    let from = src.url_of(key);
+    let reason = Error::UnsafeKey {
+        key: key.to_string(),
+        problem,
+    }
+    .to_string();
+    SkippedKey {
+        key: key.to_string(),
+        from: crate::keys::display_key(&from),
+        reason,
+    }
+}
+
+/// Performs one planned action.
+async fn perform(
+    a: &SyncAction,
+    src: &SyncSide,
+    dst: &SyncSide,
+    transfer: &TransferOptions,
+    progress: &Arc<dyn Progress>,
+    hashes: &Arc<HashCache>,
+) -> Result<()> {
+    match (a.kind.clone(), src, dst) {
+        (ActionKind::Upload, SyncSide::Dir(root), SyncSide::Store(st)) => {
+            let e = Engine::new(
+                st.clone(),
+                transfer.clone(),
+                progress.clone(),
+                hashes.clone(),
+            );
+            e.upload_file(&root.join(&a.key), &a.key, &Default::default())
+                .await?;
+        }
+        (ActionKind::Download, SyncSide::Store(st), SyncSide::Dir(root)) => {
+            let e = Engine::new(
+                st.clone(),
+                transfer.clone(),
+                progress.clone(),
+                hashes.clone(),
+            );
+            // Checked again, and parents created without following links.
+            let dest = crate::keys::prepare_key_path(root, &a.key)?;
+            e.download_file(&a.key, &dest, None).await?;
+        }
+        (ActionKind::Copy, SyncSide::Store(from), SyncSide::Store(to)) => {
+            copy_object(&**from, to.clone(), &a.key, transfer, &**progress).await?;
+        }
+        (ActionKind::Delete, _, SyncSide::Store(st)) => st.delete(&a.key).await?,
+        (ActionKind::Delete, _, SyncSide::Dir(root)) => {
+            // Keys here come from walking the directory, which follows links: never remove
+            // through one.
+            let p = crate::keys::existing_key_path(root, &a.key)?;
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove", &p, e)),
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Copies one object between stores, part by part through memory (metadata, including the

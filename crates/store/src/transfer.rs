@@ -14,6 +14,7 @@
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -618,6 +619,7 @@ impl Engine {
             std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
                 .open(&tmp)
                 .ctx("open", &tmp)?
         } else {
@@ -626,6 +628,7 @@ impl Engine {
                 .write(true)
                 .create(true)
                 .truncate(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
                 .open(&tmp)
                 .ctx("create", &tmp)?;
             f.set_len(size).ctx("allocate", &tmp)?;
@@ -775,8 +778,16 @@ impl Engine {
 
 /// Replaces a small state file (temp + rename, no fsync: losing it only costs a restart).
 fn write_state(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, bytes)?;
+    // Beside a download target chosen from a key: never write through a planted link.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&tmp)?
+        .write_all(bytes)?;
     std::fs::rename(&tmp, path)
 }
 

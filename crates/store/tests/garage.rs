@@ -455,3 +455,150 @@ async fn rootfs_artifacts_layout() {
         Err(Error::NoSuchKey { .. })
     ));
 }
+
+#[tokio::test]
+async fn sync_does_not_follow_links_in_destination() {
+    let (_g, s) = garage_store("links", "").await;
+    let d = tempfile::tempdir().unwrap();
+    scenarios::sync_does_not_follow_links_in_destination(s, d.path()).await;
+}
+
+/// Plants objects with the AWS CLI, keys exactly as given (hostile ones included).
+fn plant(g: &Garage, bucket: &str, keys: &[&str], dir: &Path) {
+    for (i, key) in keys.iter().enumerate() {
+        let body = dir.join(format!("body-{i}"));
+        std::fs::write(&body, format!("content of {key}")).unwrap();
+        aws(
+            g,
+            &[
+                "s3api",
+                "put-object",
+                "--bucket",
+                bucket,
+                "--key",
+                key,
+                "--body",
+                body.to_str().unwrap(),
+            ],
+        );
+    }
+}
+
+/// Keys planted through the AWS CLI that are not safe as local paths (`../../x`, `a/../b`,
+/// `a//b`, `./dot`, an absolute path) are skipped and named when syncing the bucket into a
+/// directory and into a local store; the other objects are transferred and nothing is written
+/// outside the destination.
+#[tokio::test]
+async fn sync_skips_unsafe_keys_planted_with_aws_cli() {
+    let g = Garage::start().await;
+    g.create_bucket("hostile").await;
+    let d = tempfile::tempdir().unwrap();
+    let bodies = d.path().join("bodies");
+    std::fs::create_dir_all(&bodies).unwrap();
+    // The destination is two levels down, so `../../x` would land in `d/x`.
+    let dest = d.path().join("one/two");
+    let abs = d.path().join("abs-escaped");
+    let abs_key = abs.to_str().unwrap().to_string();
+    let hostile = ["../../x", "a/../b", "a//b", "./dot", abs_key.as_str()];
+    let good = ["good.txt", "dir/ok.bin"];
+    // Planted under the prefix `pre/`: Garage drops a leading '/' of a whole key, but
+    // `pre//tmp/…` seen through the prefix is the absolute key `/tmp/…`.
+    let planted: Vec<String> = hostile
+        .iter()
+        .chain(&good)
+        .map(|k| format!("pre/{k}"))
+        .collect();
+    let planted: Vec<&str> = planted.iter().map(String::as_str).collect();
+    plant(&g, "hostile", &planted, &bodies);
+    let s: Arc<dyn ObjectStore> = Arc::new(g.store("hostile", "pre").await);
+    // The server kept the keys as planted (else this test would prove nothing).
+    let mut listed: Vec<String> = s
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    listed.sort();
+    let mut want: Vec<String> = hostile.iter().chain(&good).map(|k| k.to_string()).collect();
+    want.sort();
+    assert_eq!(listed, want);
+
+    let r = infra_store::sync::sync(
+        &infra_store::sync::SyncSide::Store(s.clone()),
+        &infra_store::sync::SyncSide::Dir(dest.clone()),
+        &Default::default(),
+        &TransferOptions::default(),
+        Arc::new(infra_store::NoProgress),
+        Arc::new(infra_store::HashCache::in_memory()),
+    )
+    .await
+    .unwrap();
+    let mut skipped: Vec<String> = r.skipped.iter().map(|k| k.key.clone()).collect();
+    skipped.sort();
+    let mut want_skipped: Vec<String> = hostile.iter().map(|k| k.to_string()).collect();
+    want_skipped.sort();
+    assert_eq!(skipped, want_skipped, "{r:?}");
+    assert_eq!(r.actions.len(), 2, "{r:?}");
+    assert_eq!(
+        std::fs::read(dest.join("good.txt")).unwrap(),
+        b"content of pre/good.txt"
+    );
+    assert_eq!(
+        std::fs::read(dest.join("dir/ok.bin")).unwrap(),
+        b"content of pre/dir/ok.bin"
+    );
+    for escaped in [
+        d.path().join("x"),
+        abs.clone(),
+        dest.join("b"),
+        dest.join("dot"),
+    ] {
+        assert!(!escaped.exists(), "{} was written", escaped.display());
+    }
+    for s in &r.skipped {
+        assert!(s.reason.contains("not safe as a local path"), "{s:?}");
+    }
+
+    // Into a local store (`file://`): the same keys are skipped, the sync goes on.
+    let local_root = d.path().join("local/store");
+    let local: Arc<dyn ObjectStore> = Arc::new(infra_store::LocalStore::new(&local_root, ""));
+    let r = infra_store::sync::sync(
+        &infra_store::sync::SyncSide::Store(s.clone()),
+        &infra_store::sync::SyncSide::Store(local.clone()),
+        &Default::default(),
+        &TransferOptions::default(),
+        Arc::new(infra_store::NoProgress),
+        Arc::new(infra_store::HashCache::in_memory()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.skipped.len(), hostile.len(), "{r:?}");
+    let mut local_keys: Vec<String> = local
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    local_keys.sort();
+    assert_eq!(local_keys, ["dir/ok.bin", "good.txt"]);
+    assert!(!d.path().join("x").exists() && !d.path().join("local/x").exists());
+    assert!(!abs.exists());
+
+    // Bucket → bucket copies are not local paths: every key is copied as it is.
+    g.create_bucket("hostile-copy").await;
+    let copy: Arc<dyn ObjectStore> = Arc::new(g.store("hostile-copy", "").await);
+    let r = infra_store::sync::sync(
+        &infra_store::sync::SyncSide::Store(s),
+        &infra_store::sync::SyncSide::Store(copy),
+        &Default::default(),
+        &TransferOptions::default(),
+        Arc::new(infra_store::NoProgress),
+        Arc::new(infra_store::HashCache::in_memory()),
+    )
+    .await
+    .unwrap();
+    assert!(r.skipped.is_empty(), "{r:?}");
+    assert_eq!(r.actions.len(), hostile.len() + good.len());
+}

@@ -59,3 +59,9 @@ async fn manifest_sha_is_verified() {
     let d = tempfile::tempdir().unwrap();
     scenarios::manifest_sha_is_verified(store(d.path(), ""), d.path()).await;
 }
+
+#[tokio::test]
+async fn sync_does_not_follow_links_in_destination() {
+    let d = tempfile::tempdir().unwrap();
+    scenarios::sync_does_not_follow_links_in_destination(store(d.path(), ""), d.path()).await;
+}

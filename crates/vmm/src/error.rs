@@ -22,6 +22,9 @@ pub enum KernelError {
     /// No kernel has been installed yet.
     #[error("no guest kernel at {0}; run `infra.operator kernel fetch` (Debian cloud kernel) or `infra.operator kernel import PATH`")]
     NotInstalled(PathBuf),
+    /// A host directory (cache) is missing, shared or another user's.
+    #[error(transparent)]
+    HostDir(#[from] infra_config::DirError),
     /// `apt-get download` or `dpkg -x` failed.
     #[error("cannot fetch the kernel package {package}: {detail}; check that apt can reach a Debian mirror (`apt-get update`), or import a vmlinux with `kernel import PATH`")]
     Fetch {
@@ -95,6 +98,9 @@ pub enum VmError {
         /// Tail of the serial console, with its heading (empty when the guest printed nothing).
         console: String,
     },
+    /// The run directory is another user's or writable by others.
+    #[error(transparent)]
+    HostDir(#[from] infra_config::DirError),
     /// Host-side I/O (temp dir, sockets).
     #[error("{what}: {source}")]
     Io {

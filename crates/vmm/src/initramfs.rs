@@ -116,7 +116,8 @@ pub fn write_initramfs(
     modules: &[ModuleFile],
 ) -> Result<(), KernelError> {
     let parent = out.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| KernelError::io(parent, e))?;
+    // The initramfs cache is a private directory (it feeds every VM's boot).
+    infra_config::ensure_dir(parent, infra_config::PRIVATE_DIR)?;
     let tmp = tempfile::NamedTempFile::new_in(parent).map_err(|e| KernelError::io(parent, e))?;
     let mut w = CpioWriter::new(io::BufWriter::new(tmp.as_file()));
     let io = |e| KernelError::io(out, e);

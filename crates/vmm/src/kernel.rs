@@ -103,6 +103,10 @@ impl KernelStore {
         release: &str,
         source: String,
     ) -> Result<KernelManifest, KernelError> {
+        // The kernel's directory (the home) is read by other users: 0755, ours, not shared.
+        if let Some(dir) = self.vmlinux.parent().filter(|d| !d.as_os_str().is_empty()) {
+            infra_config::ensure_dir(dir, infra_config::SHARED_READ_DIR)?;
+        }
         let raw = std::fs::read(image).map_err(|e| KernelError::io(image, e))?;
         let (elf, compression) = extract_vmlinux(&raw)?;
         let modules = match module_tree {

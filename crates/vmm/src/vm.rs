@@ -249,8 +249,18 @@ pub async fn hybrid_vsock_connect(uds: &Path, port: u32) -> Result<UnixStream, V
 
 /// Creates the VM directory.
 pub(crate) fn vm_dir(run_dir: &Path) -> Result<tempfile::TempDir, VmError> {
-    std::fs::create_dir_all(run_dir)
-        .map_err(|e| VmError::io(format!("create {}", run_dir.display()), e))?;
+    infra_config::ensure_dir(run_dir, infra_config::TRAVERSE_DIR)?;
+    // A run directory made 0700 by an earlier version: VMMs under their own uids need search.
+    let mode = std::fs::metadata(run_dir)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .unwrap_or(0);
+    if mode & 0o011 != 0o011 {
+        std::fs::set_permissions(
+            run_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(mode | 0o011),
+        )
+        .map_err(|e| VmError::io(format!("chmod {}", run_dir.display()), e))?;
+    }
     tempfile::Builder::new()
         .prefix("vm-")
         .tempdir_in(run_dir)

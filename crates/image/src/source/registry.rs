@@ -99,9 +99,7 @@ pub async fn fetch(
     }
 
     let blobs = opts.blob_cache.join("sha256");
-    tokio::fs::create_dir_all(&blobs)
-        .await
-        .ctx("create blob cache", &blobs)?;
+    infra_config::ensure_dir(&blobs, infra_config::PRIVATE_DIR)?;
     let jobs = manifest.layers.iter().enumerate().map(|(i, layer)| {
         let (client, image, blobs, whole) = (&client, &image, &blobs, &whole);
         async move { download_blob(client, image, layer, blobs, whole, i, progress).await }

@@ -476,3 +476,75 @@ pub async fn manifest_sha_is_verified(store: Arc<dyn ObjectStore>, dir: &Path) {
         assert!(keys.is_empty(), "{keys:?}");
     }
 }
+
+async fn sync_to_dir(
+    store: Arc<dyn ObjectStore>,
+    dest: &Path,
+    delete: bool,
+) -> infra_store::sync::SyncReport {
+    sync(
+        &SyncSide::Store(store),
+        &SyncSide::Dir(dest.to_path_buf()),
+        &SyncOptions {
+            delete,
+            ..Default::default()
+        },
+        &TransferOptions::default(),
+        Arc::new(NoProgress),
+        Arc::new(HashCache::in_memory()),
+    )
+    .await
+    .unwrap()
+}
+
+fn skipped_keys(r: &infra_store::sync::SyncReport) -> Vec<String> {
+    let mut k: Vec<String> = r.skipped.iter().map(|s| s.key.clone()).collect();
+    k.sort();
+    k
+}
+
+/// A symbolic link already inside the destination directory is not followed: the key that
+/// would write through it is skipped (named in the report), the other keys are written, and
+/// nothing lands where the link points; `--delete` does not remove through it either.
+pub async fn sync_does_not_follow_links_in_destination(store: Arc<dyn ObjectStore>, dir: &Path) {
+    let none = Metadata::new();
+    for key in ["link/evil.txt", "file-link", "fine.txt", "sub/fine.txt"] {
+        store
+            .put(key, Body::Bytes(Bytes::from(key.to_string())), &none)
+            .await
+            .unwrap();
+    }
+    let dest = dir.join("links-dest");
+    let outside = dir.join("links-outside");
+    std::fs::create_dir_all(&dest).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("victim"), b"keep me").unwrap();
+    std::os::unix::fs::symlink(&outside, dest.join("link")).unwrap();
+    std::os::unix::fs::symlink(outside.join("target"), dest.join("file-link")).unwrap();
+    let outside_names = || {
+        let mut v: Vec<String> = std::fs::read_dir(&outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let r = sync_to_dir(store.clone(), &dest, false).await;
+    assert_eq!(skipped_keys(&r), ["file-link", "link/evil.txt"], "{r:?}");
+    assert!(r.skipped[0].reason.contains("symbolic link"), "{r:?}");
+    assert_eq!(outside_names(), ["victim"], "a write went through a link");
+    assert_eq!(std::fs::read(dest.join("fine.txt")).unwrap(), b"fine.txt");
+    assert_eq!(
+        std::fs::read(dest.join("sub/fine.txt")).unwrap(),
+        b"sub/fine.txt"
+    );
+    assert_eq!(r.actions.len(), 2, "{r:?}");
+    // --delete: `link/victim` is listed through the link but not removed through it.
+    let r = sync_to_dir(store, &dest, true).await;
+    assert_eq!(
+        skipped_keys(&r),
+        ["file-link", "link/evil.txt", "link/victim"],
+        "{r:?}"
+    );
+    assert_eq!(outside_names(), ["victim"], "a delete went through a link");
+}
