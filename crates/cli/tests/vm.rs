@@ -6,6 +6,7 @@
 //! per checkout. VM tests take a lock: two cores do not need several TCG guests at once.
 //! Every test checks that no VM directory or VMM process is left behind.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -13,8 +14,13 @@ use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_infra-operator");
 
+/// The home sits under a private (0700) directory, as homes often do (`/root`, CI checkouts):
+/// VMMs that run as their own uids must not need to search the directories above it.
 fn home() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm-home")
+    let private = Path::new(env!("CARGO_TARGET_TMPDIR")).join("private");
+    std::fs::create_dir_all(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    private.join("vm-home")
 }
 
 fn cli(args: &[&str]) -> Command {
@@ -438,7 +444,14 @@ fn missing_image_is_fetched_from_the_store_before_building() {
         "the manifest came along"
     );
     let run_dir = home2.join("run");
-    let left = std::fs::read_dir(&run_dir).map(|d| d.count()).unwrap_or(0);
+    // The uid lease files stay (their locks are the leases); VM directories must not.
+    let left = std::fs::read_dir(&run_dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name() != infra_vmm::uid::LEASE_DIR)
+                .count()
+        })
+        .unwrap_or(0);
     assert_eq!(left, 0, "VM directories left in {}", run_dir.display());
 }
 

@@ -22,6 +22,10 @@ pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,re
 /// The file descriptor QEMU finds the rootfs on when it runs as a VM uid (`-add-fd`).
 const ROOTFS_FD: i32 = 3;
 
+/// The kernel and initramfs as placed in the VM directory for a VM uid.
+const KERNEL: &str = "vmlinux";
+const INITRD: &str = "initrd";
+
 /// How to run QEMU.
 #[derive(Debug, Clone)]
 pub struct Qemu {
@@ -127,15 +131,18 @@ impl Qemu {
         if let Some(range) = self.uids {
             // The VM's own uid: its directory becomes the uid's, the kernel and initramfs are
             // made readable for it (linked, or copied when the originals are private), and the
-            // rootfs is opened here, read-only, and handed over as a descriptor.
+            // rootfs is opened here, read-only, and handed over as a descriptor. QEMU starts in
+            // its VM directory (entered while still root) and names every file relative to
+            // it, so no directory above it has to be searchable by the VM uid: homes under a
+            // private parent (0700) work, and the uid learns nothing about the host's tree.
             let l = crate::uid::lease(range, &cfg.run_dir.join(crate::uid::LEASE_DIR))?;
             let uid = l.uid();
             lease = Some(l);
             crate::uid::chown(dir.path(), uid)?;
-            args_cfg.kernel = dir.path().join("vmlinux");
-            args_cfg.initramfs = dir.path().join("initrd");
-            crate::uid::place_for(&cfg.kernel, &args_cfg.kernel, uid)?;
-            crate::uid::place_for(&cfg.initramfs, &args_cfg.initramfs, uid)?;
+            crate::uid::place_for(&cfg.kernel, &dir.path().join(KERNEL), uid)?;
+            crate::uid::place_for(&cfg.initramfs, &dir.path().join(INITRD), uid)?;
+            args_cfg.kernel = PathBuf::from(KERNEL);
+            args_cfg.initramfs = PathBuf::from(INITRD);
             let f = std::fs::File::open(&cfg.rootfs)
                 .map_err(|e| VmError::io(format!("open {}", cfg.rootfs.display()), e))?;
             rootfs = Some(std::os::fd::OwnedFd::from(f));
@@ -145,8 +152,11 @@ impl Qemu {
         if rootfs.is_some() {
             cmd.arg("-add-fd")
                 .arg(format!("fd={ROOTFS_FD},set=1,opaque=rootfs"));
+            cmd.current_dir(dir.path());
+            cmd.args(self.command_line(&args_cfg, Path::new("")));
+        } else {
+            cmd.args(self.command_line(&args_cfg, dir.path()));
         }
-        cmd.args(self.command_line(&args_cfg, dir.path()));
         if let (Some(l), Some(fd)) = (&lease, &rootfs) {
             drop_to_uid(&mut cmd, l.uid(), fd, self.accel == Accel::Kvm);
         }
