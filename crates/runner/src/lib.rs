@@ -314,6 +314,7 @@ impl Runner {
                 binary: jb,
                 uids: self.opts.vm_uids,
                 chroot_base: "/srv/jailer".into(),
+                cgroups: infra_vmm::firecracker::Cgroups::detect(),
             })
         } else {
             None

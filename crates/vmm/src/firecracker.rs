@@ -14,6 +14,7 @@ use tokio::net::UnixStream;
 use tokio::process::Command;
 
 use crate::error::VmError;
+use crate::process::{PidfdProcess, VmProcess};
 use crate::uid::UidRange;
 use crate::vm::{spawn, vm_dir, AgentEndpoint, Vm, VmConfig, AGENT_PORT, FAST_BOOT_ARGS};
 
@@ -30,6 +31,104 @@ pub struct Jailer {
     pub uids: UidRange,
     /// `--chroot-base-dir` (jailer default `/srv/jailer`).
     pub chroot_base: PathBuf,
+    /// Memory and pid limits through the jailer's cgroup options; `None` when the host has
+    /// no memory and pids controllers (see [`Cgroups::detect`]).
+    pub cgroups: Option<Cgroups>,
+}
+
+/// The cgroup hierarchy the jailer places each VM in: `<controller root>/infra-operator/<id>`,
+/// with `memory` capped at the guest's memory plus [`VMM_OVERHEAD_MIB`] and `pids` at
+/// [`VMM_TASKS`] plus one per vCPU, so a compromised VMM can neither take the host's memory nor
+/// fork-bomb it. The jailer creates the cgroup; the VM's guard removes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cgroups {
+    /// 1 (a controller per hierarchy) or 2 (unified).
+    pub version: u8,
+    /// Where the VMs' cgroups go, one per hierarchy that holds `memory` or `pids`
+    /// (`<mount>/infra-operator`).
+    pub parents: Vec<PathBuf>,
+}
+
+/// `--parent-cgroup`: our VMs' cgroups, below each controller's root.
+pub const PARENT_CGROUP: &str = "infra-operator";
+
+/// Memory a Firecracker process needs beyond the guest's RAM (its own code, buffers and the
+/// page cache of the files it reads; Firecracker documents under 5 MiB for the VMM itself).
+pub const VMM_OVERHEAD_MIB: u64 = 128;
+
+/// Tasks a Firecracker process needs besides its vCPU threads (main, API, and spare).
+pub const VMM_TASKS: u32 = 16;
+
+impl Cgroups {
+    /// The host's cgroups as the jailer would find them in `/proc/mounts`: version 2 when the
+    /// unified hierarchy holds the `memory` and `pids` controllers, else version 1 when both
+    /// have their own hierarchy, else none (then VMs run without cgroup limits, with a warning
+    /// at start).
+    pub fn detect() -> Option<Self> {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+        Self::from_mounts(&mounts, |p| std::fs::read_to_string(p).ok())
+    }
+
+    fn from_mounts(mounts: &str, read: impl Fn(&Path) -> Option<String>) -> Option<Self> {
+        let mut v1 = Vec::new();
+        for line in mounts.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(dir), Some(fs), Some(opts)) = (f.get(1), f.get(2), f.get(3)) else {
+                continue;
+            };
+            let dir = Path::new(dir);
+            match *fs {
+                "cgroup2" => {
+                    let ctl = read(&dir.join("cgroup.controllers")).unwrap_or_default();
+                    let ctl: Vec<&str> = ctl.split_whitespace().collect();
+                    if ctl.contains(&"memory") && ctl.contains(&"pids") {
+                        return Some(Cgroups {
+                            version: 2,
+                            parents: vec![dir.join(PARENT_CGROUP)],
+                        });
+                    }
+                }
+                "cgroup" => {
+                    let opts: Vec<&str> = opts.split(',').collect();
+                    for c in ["memory", "pids"] {
+                        if opts.contains(&c) {
+                            v1.push((c, dir.join(PARENT_CGROUP)));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let has = |c: &str| v1.iter().any(|(n, _)| *n == c);
+        (has("memory") && has("pids")).then(|| {
+            let mut parents: Vec<PathBuf> = v1.into_iter().map(|(_, p)| p).collect();
+            parents.dedup();
+            Cgroups {
+                version: 1,
+                parents,
+            }
+        })
+    }
+
+    /// The jailer's cgroup arguments for a VM.
+    pub fn jailer_args(&self, cfg: &VmConfig) -> Vec<String> {
+        let bytes = (u64::from(cfg.mem_mib) + VMM_OVERHEAD_MIB) * 1024 * 1024;
+        let mem_file = if self.version == 2 {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        };
+        vec![
+            "--cgroup-version".into(),
+            self.version.to_string(),
+            "--parent-cgroup".into(),
+            PARENT_CGROUP.into(),
+            "--cgroup".into(),
+            format!("{mem_file}={bytes}"),
+            "--cgroup".into(),
+            format!("pids.max={}", VMM_TASKS + u32::from(cfg.vcpus)),
+        ]
+    }
 }
 
 /// Prefix of the jail ids we create: `infra-<runner pid>-<n>`, so stale jails of dead runners
@@ -42,16 +141,63 @@ pub const MAX_SOCKET_PATH: usize = 107;
 /// Removes a jail directory when dropped (the VM stopped, failed to start, or the runner is
 /// unwinding).
 #[derive(Debug)]
-pub(crate) struct JailGuard(pub(crate) PathBuf);
+pub(crate) struct JailGuard {
+    pub(crate) jail: PathBuf,
+    /// The VM's cgroup directories (removed once the VMM's tasks are gone).
+    pub(crate) cgroups: Vec<PathBuf>,
+}
 
 impl Drop for JailGuard {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+        if let Err(e) = std::fs::remove_dir_all(&self.jail) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(jail = %self.0.display(), error = %e, "cannot remove the jail");
+                tracing::warn!(jail = %self.jail.display(), error = %e, "cannot remove the jail");
+            }
+        }
+        for cg in &self.cgroups {
+            remove_cgroup(cg);
+        }
+    }
+}
+
+/// Removes a cgroup directory (rmdir: the kernel refuses while tasks remain, so a VMM that is
+/// still exiting gets a short grace).
+fn remove_cgroup(cg: &Path) {
+    for attempt in 0..50 {
+        match std::fs::remove_dir(cg) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) if attempt == 49 => {
+                tracing::warn!(cgroup = %cg.display(), error = %e, "cannot remove the VM's cgroup");
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Removes the cgroups of VMs whose runner process is gone (`<parent>/infra-<pid>-…`).
+fn remove_stale_cgroups(parents: &[PathBuf]) {
+    for parent in parents {
+        for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if runner_pid(&name).is_some_and(|pid| !alive(pid)) {
+                remove_cgroup(&e.path());
             }
         }
     }
+}
+
+/// The runner pid in a jail id `infra-<pid>-<n>`.
+fn runner_pid(name: &str) -> Option<i32> {
+    name.strip_prefix(JAIL_PREFIX)
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|p| p.parse::<i32>().ok())
+        .filter(|p| *p > 0)
+}
+
+fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+        .map_or_else(|e| e != nix::errno::Errno::ESRCH, |_| true)
 }
 
 /// Removes jails under `exec_dir` whose runner process is gone (a runner killed with SIGKILL
@@ -63,17 +209,29 @@ pub fn remove_stale_jails(exec_dir: &Path) -> usize {
     let mut removed = 0;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(JAIL_PREFIX)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
+        let Some(pid) = runner_pid(&name) else {
             continue;
         };
-        let alive = pid > 0
-            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
-                .map_or_else(|e| e != nix::errno::Errno::ESRCH, |_| true);
-        if !alive && std::fs::remove_dir_all(e.path()).is_ok() {
+        if alive(pid) {
+            continue;
+        }
+        // Firecracker outlives its runner (it is the jailer's child, in its own PID
+        // namespace): kill it first, held by pidfd and checked to be chrooted in this jail.
+        let root = e.path().join("root");
+        for f in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".pid") {
+                continue;
+            }
+            let pid = read_small_nofollow(&f.path())
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok());
+            if let Some(p) = pid.and_then(|pid| PidfdProcess::adopt(pid, &root).ok()) {
+                tracing::info!(jail = %e.path().display(), "killing the Firecracker of a runner that died");
+                drop(p); // kills it
+            }
+        }
+        if std::fs::remove_dir_all(e.path()).is_ok() {
             removed += 1;
         }
     }
@@ -225,6 +383,9 @@ impl Firecracker {
             uid.to_string(),
             "--chroot-base-dir".into(),
             base.display().to_string(),
+            // Firecracker as init of its own PID namespace: it sees no host process, and the
+            // jailer exits once it has written Firecracker's pid (see `adopt_jailed`).
+            "--new-pid-ns".into(),
             "--".into(),
             "--api-sock".into(),
             "/api.sock".into(),
@@ -248,6 +409,7 @@ impl Firecracker {
         let console = dir.path().join("console.log");
         let mut jail_guard = None;
         let mut lease = None;
+        let mut jail_root = None;
         let (cmd, api_sock, guest, host_vsock, fc_log) = match &self.jailer {
             None => {
                 let mut cmd = Command::new(&self.binary);
@@ -274,17 +436,33 @@ impl Firecracker {
                 let l = crate::uid::lease(j.uids, &cfg.run_dir.join(crate::uid::LEASE_DIR))?;
                 let uid = l.uid();
                 lease = Some(l);
-                let (argv, jail) = Self::jailer_command(j, &self.binary, &id, uid)?;
+                let (mut argv, jail) = Self::jailer_command(j, &self.binary, &id, uid)?;
                 if let Some(exec_dir) = jail.parent() {
                     let n = remove_stale_jails(exec_dir);
                     if n > 0 {
                         tracing::info!(removed = n, "removed jails of runners that died");
                     }
                 }
+                let mut cgroups = Vec::new();
+                match &j.cgroups {
+                    Some(cg) => {
+                        remove_stale_cgroups(&cg.parents);
+                        // Jailer options go before the `--` that starts Firecracker's own.
+                        let at = argv.iter().position(|a| a == "--").unwrap_or(argv.len());
+                        argv.splice(at..at, cg.jailer_args(cfg));
+                        cgroups = cg.parents.iter().map(|p| p.join(&id)).collect();
+                    }
+                    None => tracing::warn!(
+                        "no memory and pids cgroup controllers on this host: Firecracker runs without cgroup limits"
+                    ),
+                }
                 let root = jail.join("root");
                 check_socket_path(&root.join("api.sock"))?;
                 check_socket_path(&root.join(format!("vsock.sock_{AGENT_PORT}")))?;
-                jail_guard = Some(JailGuard(jail.clone()));
+                jail_guard = Some(JailGuard {
+                    jail: jail.clone(),
+                    cgroups,
+                });
                 // The jail sees only what is placed in its root, and Firecracker runs there as
                 // `uid`: every file must be readable by it without changing the originals.
                 std::fs::create_dir_all(&root)
@@ -312,11 +490,17 @@ impl Firecracker {
                     metrics: "/metrics.json".into(),
                 };
                 let log = root.join("firecracker.log");
+                let exec_name = jail
+                    .parent()
+                    .and_then(|p| p.file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "firecracker".into());
+                jail_root = Some((root.clone(), exec_name));
                 (cmd, root.join("api.sock"), g, root.join("vsock.sock"), log)
             }
         };
         check_socket_path(&api_sock)?;
-        let mut child = spawn(cmd, &console).map_err(|e| VmError::Start {
+        let child = spawn(cmd, &console).map_err(|e| VmError::Start {
             backend: "firecracker",
             detail: format!("cannot run {}: {e}", self.binary.display()),
         })?;
@@ -329,13 +513,25 @@ impl Firecracker {
                 format!("; firecracker said: {}", parts.join(" / "))
             }
         };
+        let mut child = match jail_root {
+            None => VmProcess::Child(child),
+            Some((root, exec_name)) => match adopt_jailed(child, &root, &exec_name).await {
+                Ok(p) => VmProcess::Pidfd(p),
+                Err(detail) => {
+                    return Err(VmError::Start {
+                        backend: "firecracker",
+                        detail: format!("{detail}{}", said(&console)),
+                    })
+                }
+            },
+        };
         // The socket file can exist before Firecracker accepts on it: connect until it answers.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             if UnixStream::connect(&api_sock).await.is_ok() {
                 break;
             }
-            if let Ok(Some(st)) = child.try_wait() {
+            if let Some(st) = child.try_wait() {
                 return Err(VmError::Start {
                     backend: "firecracker",
                     detail: format!("exited with {st}{}", said(&console)),
@@ -355,7 +551,7 @@ impl Firecracker {
         }
         for call in Self::api_calls(cfg, &guest) {
             if let Err(e) = api_request(&api_sock, &call).await {
-                let _ = child.start_kill();
+                child.start_kill();
                 let extra = said(&console);
                 return Err(match e {
                     VmError::Api {
@@ -388,6 +584,53 @@ impl Firecracker {
             _uid: lease,
         })
     }
+}
+
+/// How long the jailer may take to set up the jail and start Firecracker.
+const JAILER_SETUP: Duration = Duration::from_secs(10);
+
+/// Waits for the jailer (started with `--new-pid-ns`) to exit after it has started Firecracker,
+/// then takes hold of Firecracker through a pidfd, from the pid the jailer wrote to
+/// `<root>/<exec name>.pid` (checked: the process must be chrooted at `root`). The error is a
+/// one-line detail.
+async fn adopt_jailed(
+    mut jailer: tokio::process::Child,
+    root: &Path,
+    exec_name: &str,
+) -> Result<PidfdProcess, String> {
+    match tokio::time::timeout(JAILER_SETUP, jailer.wait()).await {
+        Ok(Ok(st)) if st.success() => {}
+        Ok(Ok(st)) => return Err(format!("the jailer exited with {st}")),
+        Ok(Err(e)) => return Err(format!("cannot wait for the jailer: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "the jailer did not start Firecracker within {} s (is --new-pid-ns supported by this jailer?)",
+                JAILER_SETUP.as_secs()
+            ))
+        }
+    }
+    let pid_file = root.join(format!("{exec_name}.pid"));
+    // The jail root belongs to the VM's uid: read the pid file without following links.
+    let text = read_small_nofollow(&pid_file)
+        .map_err(|e| format!("cannot read {}: {e}", pid_file.display()))?;
+    let pid: u32 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{} holds no pid: {:?}", pid_file.display(), text.trim()))?;
+    PidfdProcess::adopt(pid, root).map_err(|e| format!("cannot hold Firecracker (pid {pid}): {e}"))
+}
+
+/// Reads a short file (a pid) without following a symlink at its last component.
+fn read_small_nofollow(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)?;
+    let mut s = String::new();
+    f.take(64).read_to_string(&mut s)?;
+    Ok(s)
 }
 
 /// Sends one API request over the Unix socket; a non-2xx answer becomes [`VmError::Api`] with
@@ -505,6 +748,7 @@ mod tests {
             binary: "/usr/bin/jailer".into(),
             uids: UidRange::default(),
             chroot_base: t.path().to_path_buf(),
+            cgroups: None,
         };
         let (argv, jail) =
             Firecracker::jailer_command(&j, &t.path().join("firecracker"), "vm-a", 900_001)
@@ -519,7 +763,45 @@ mod tests {
             )),
             "{s}"
         );
-        assert!(s.ends_with("-- --api-sock /api.sock"), "{s}");
+        assert!(s.ends_with("--new-pid-ns -- --api-sock /api.sock"), "{s}");
+    }
+
+    #[test]
+    fn cgroups_are_found_as_the_jailer_finds_them() {
+        // This machine's layout: v1 controllers, an empty unified hierarchy beside them.
+        let hybrid = "cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0\n\
+            cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\n\
+            cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0\n\
+            cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n";
+        let none = |_: &Path| Some(String::new());
+        let cg = Cgroups::from_mounts(hybrid, none).unwrap();
+        assert_eq!(cg.version, 1);
+        assert_eq!(
+            cg.parents,
+            [
+                PathBuf::from("/sys/fs/cgroup/memory/infra-operator"),
+                PathBuf::from("/sys/fs/cgroup/pids/infra-operator")
+            ]
+        );
+        let args = cg.jailer_args(&cfg()).join(" ");
+        assert_eq!(
+            args,
+            format!(
+                "--cgroup-version 1 --parent-cgroup infra-operator --cgroup memory.limit_in_bytes={} --cgroup pids.max=17",
+                (512 + 128) * 1024 * 1024
+            )
+        );
+        // Unified with both controllers: version 2.
+        let unified = "cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n";
+        let ctl = |_: &Path| Some("cpuset cpu io memory hugetlb pids rdma\n".to_string());
+        let cg = Cgroups::from_mounts(unified, ctl).unwrap();
+        assert_eq!(cg.version, 2);
+        assert!(cg
+            .jailer_args(&cfg())
+            .contains(&format!("memory.max={}", 640 << 20)));
+        // No pids controller anywhere: no cgroups (and a warning at start).
+        let partial = "cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n";
+        assert_eq!(Cgroups::from_mounts(partial, none), None);
     }
 
     /// A one-connection HTTP server that records the request and answers with `status`.

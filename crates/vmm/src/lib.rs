@@ -15,6 +15,7 @@ pub mod firecracker;
 pub mod initramfs;
 pub mod kernel;
 pub mod modules;
+mod process;
 pub mod qemu;
 pub mod uid;
 mod vm;

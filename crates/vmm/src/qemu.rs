@@ -185,7 +185,7 @@ impl Qemu {
         Ok(Vm {
             backend: "qemu",
             accel: self.accel.to_string(),
-            child,
+            child: crate::process::VmProcess::Child(child),
             dir,
             console,
             vmm_log: Some(log),

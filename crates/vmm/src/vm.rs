@@ -112,7 +112,7 @@ impl AgentEndpoint {
 pub struct Vm {
     pub(crate) backend: &'static str,
     pub(crate) accel: String,
-    pub(crate) child: Child,
+    pub(crate) child: crate::process::VmProcess,
     pub(crate) dir: tempfile::TempDir,
     pub(crate) console: PathBuf,
     /// The VMM's own stderr when it is not the console (QEMU).
@@ -155,20 +155,13 @@ impl Vm {
 
     /// `Some(status)` once the VMM process has exited.
     pub fn exited(&mut self) -> Option<String> {
-        match self.child.try_wait() {
-            Ok(Some(st)) => Some(st.to_string()),
-            Ok(None) => None,
-            Err(e) => Some(format!("unknown ({e})")),
-        }
+        self.child.try_wait()
     }
 
     /// Waits up to `limit` for the VMM to exit; `true` if it did. A dropped agent
     /// connection usually means the VM is going down: this tells the two apart.
     pub async fn exited_within(&mut self, limit: std::time::Duration) -> bool {
-        matches!(
-            tokio::time::timeout(limit, self.child.wait()).await,
-            Ok(Ok(_)) | Ok(Err(_))
-        )
+        tokio::time::timeout(limit, self.child.wait()).await.is_ok()
     }
 
     /// The last `lines` lines of the guest's serial console (kernel messages, panics). Only
@@ -207,7 +200,7 @@ impl Vm {
     /// Kills the VMM, waits for it and removes the VM directory. The guest holds nothing
     /// worth a clean shutdown: its disk is read-only and its writes live in RAM.
     pub async fn stop(mut self) -> Result<(), VmError> {
-        let _ = self.child.start_kill();
+        self.child.start_kill();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
         let Vm { dir, .. } = self;
         dir.close()

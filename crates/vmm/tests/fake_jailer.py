@@ -2,12 +2,14 @@
 """A stand-in for Firecracker's jailer + Firecracker, for CI hosts that cannot run either.
 
 It does what the real pair does that our backend depends on: computes the jail as the jailer
-does (<canonical chroot base>/<file name of the canonical exec file>/<id>/root), drops to the
-given uid/gid, serves Firecracker's API on <jail>/api.sock, and, like Firecracker, opens every
-file a request names (relative to the jail root) as that uid, answering 400 with
-"... Permission denied" when it cannot. Each request is appended as one JSON line to
-$FAKE_JAILER_LOG (written before the uid drop)."""
-import json, os, socket, sys
+does (<canonical chroot base>/<file name of the canonical exec file>/<id>/root), chroots into
+it, drops to the given uid/gid, serves Firecracker's API on /api.sock in the jail, and, like
+Firecracker, opens every file a request names as that uid, answering 400 with
+"... Permission denied" when it cannot. With --new-pid-ns, as the jailer does, the "Firecracker"
+part runs as pid 1 of a new PID namespace, its host pid is written to <root>/<exec name>.pid,
+and the jailer part exits 0. Each request is appended as one JSON line to $FAKE_JAILER_LOG
+(opened before the chroot), with the pid and uid that served it."""
+import ctypes, json, os, socket, sys
 
 args = sys.argv[1:]
 opt = lambda k: args[args.index(k) + 1]
@@ -15,18 +17,37 @@ jail_id, exec_file, uid, gid, base = opt("--id"), opt("--exec-file"), int(opt("-
 exec_real = os.path.realpath(exec_file)
 root = os.path.join(os.path.realpath(base), os.path.basename(exec_real), jail_id, "root")
 log = open(os.environ["FAKE_JAILER_LOG"], "a", buffering=1)
-log.write(json.dumps({"jail": root, "exec_file": exec_file}) + "\n")
+cgroups = [args[i + 1] for i, a in enumerate(args) if a == "--cgroup"]
+log.write(json.dumps({"jail": root, "exec_file": exec_file, "cgroups": cgroups,
+                      "cgroup_version": opt("--cgroup-version") if "--cgroup-version" in args else None}) + "\n")
+# The jailer creates <controller root>/<parent cgroup>/<id> per hierarchy (real cgroup
+# directories; here plain ones under $FAKE_CGROUP_PARENTS, left empty so rmdir works).
+for parent in filter(None, os.environ.get("FAKE_CGROUP_PARENTS", "").split(":")):
+    if cgroups:
+        os.makedirs(os.path.join(parent, jail_id))
 # The jailer hands the jail root to the jail's uid.
 os.chown(root, uid, gid)
-os.chdir(root)
-sock_path = os.path.join(root, "api.sock")
+# As the jailer: chroot, then (with --new-pid-ns) clone into a new PID namespace and write the
+# child's pid, and the child (else the jailer itself) runs Firecracker as uid/gid.
+os.chroot(root)
+os.chdir("/")
+if "--new-pid-ns" in args:
+    CLONE_NEWPID = 0x20000000
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWPID) != 0:
+        sys.exit(f"unshare(CLONE_NEWPID): {os.strerror(ctypes.get_errno())}")
+    child = os.fork()
+    if child:
+        with open("/" + os.path.basename(exec_real) + ".pid", "x") as f:
+            f.write(str(child))
+        os._exit(0)
 os.setgroups([]); os.setgid(gid); os.setuid(uid)
 srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-srv.bind(sock_path); srv.listen(8)
+srv.bind("/api.sock"); srv.listen(8)
 
 def check(path):
     try:
-        open(os.path.join(root, path.lstrip("/")), "rb").close()
+        open(path, "rb").close()
         return None
     except OSError as e:
         return f"{path}: {e.strerror}"
@@ -47,7 +68,7 @@ while True:
     while len(body) < length:
         body += c.recv(65536)
     req = json.loads(body or b"{}")
-    log.write(json.dumps({"method": method, "path": path, "body": req, "uid": os.getuid()}) + "\n")
+    log.write(json.dumps({"method": method, "path": path, "body": req, "uid": os.getuid(), "pid": os.getpid()}) + "\n")
     fault = None
     for key in ("kernel_image_path", "initrd_path", "path_on_host"):
         if key in req and fault is None:

@@ -11,7 +11,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use infra_vmm::firecracker::{Firecracker, Jailer};
+use infra_vmm::firecracker::{Cgroups, Firecracker, Jailer};
 use infra_vmm::uid::UidRange;
 use infra_vmm::VmConfig;
 
@@ -47,11 +47,51 @@ async fn jailed_firecracker_boots_with_private_uid_and_leaves_no_jail() {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
     }
     let base = d.join("jails");
-    // A jail left by a runner that died (pid 0x7ffffffe does not exist).
+    // A jail left by a runner that died (pid 0x7ffffffe does not exist), with its Firecracker
+    // still running (a process chrooted in the jail, its pid in the jailer's pid file) ...
     let stale = base.join("firecracker-v1.17/infra-2147483646-old/root");
     std::fs::create_dir_all(&stale).unwrap();
+    let mut orphan = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import os, sys, time; os.chroot(sys.argv[1]); print('in', flush=True); time.sleep(120)")
+        .arg(&stale)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(orphan.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "in\n");
+    std::fs::write(stale.join("firecracker-v1.17.pid"), orphan.id().to_string()).unwrap();
+    // ... and a second dead runner's jail whose pid file names a process that is not in it:
+    // that process must survive (a pid file is only a hint).
+    let stale2 = base.join("firecracker-v1.17/infra-2147483645-old/root");
+    std::fs::create_dir_all(&stale2).unwrap();
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("120")
+        .spawn()
+        .unwrap();
+    std::fs::write(
+        stale2.join("firecracker-v1.17.pid"),
+        bystander.id().to_string(),
+    )
+    .unwrap();
     let log = d.join("requests.jsonl");
     std::env::set_var("FAKE_JAILER_LOG", &log);
+    // cgroup v1 layout: one hierarchy per controller, a dead runner's cgroup left in one.
+    let cg_parents = vec![
+        d.join("cgroup/memory/infra-operator"),
+        d.join("cgroup/pids/infra-operator"),
+    ];
+    let stale_cg = cg_parents[1].join("infra-2147483646-old");
+    std::fs::create_dir_all(&stale_cg).unwrap();
+    std::env::set_var(
+        "FAKE_CGROUP_PARENTS",
+        std::env::join_paths(&cg_parents).unwrap(),
+    );
     let fc = Firecracker {
         binary: d.join("bin/firecracker"),
         jailer: Some(Jailer {
@@ -61,6 +101,10 @@ async fn jailed_firecracker_boots_with_private_uid_and_leaves_no_jail() {
                 count: 4,
             },
             chroot_base: base.clone(),
+            cgroups: Some(Cgroups {
+                version: 1,
+                parents: cg_parents.clone(),
+            }),
         }),
     };
     let cfg = VmConfig {
@@ -81,6 +125,43 @@ async fn jailed_firecracker_boots_with_private_uid_and_leaves_no_jail() {
         jail.display()
     );
     assert!(!stale.exists(), "the dead runner's jail was removed");
+    assert!(!stale_cg.exists(), "the dead runner's cgroup was removed");
+    // Memory and pid limits through the jailer, and the VM's cgroups exist while it runs.
+    assert_eq!(recs[0]["cgroup_version"], "1");
+    assert_eq!(
+        recs[0]["cgroups"],
+        serde_json::json!([
+            format!("memory.limit_in_bytes={}", (256 + 128) << 20),
+            "pids.max=17"
+        ])
+    );
+    let jail_id = jail.parent().unwrap().file_name().unwrap().to_owned();
+    for p in &cg_parents {
+        assert!(p.join(&jail_id).is_dir(), "{}", p.display());
+    }
+    assert!(!stale2.exists(), "the dead runner's jail was removed");
+    let st = orphan.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&st),
+        Some(9),
+        "the dead runner's Firecracker was killed"
+    );
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "a process outside the jail named by its pid file survives"
+    );
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+    // Firecracker runs as pid 1 of its own PID namespace (--new-pid-ns); the jailer exited and
+    // we hold Firecracker itself.
+    assert_eq!(recs[1]["pid"], 1, "{:?}", recs[1]);
+    let host_pid = vm.pid().expect("Firecracker's host pid");
+    let status = std::fs::read_to_string(format!("/proc/{host_pid}/status")).unwrap();
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+    assert!(nspid.trim_end().ends_with("\t1"), "{nspid}");
+    assert!(std::fs::read_link(format!("/proc/{host_pid}/root"))
+        .unwrap()
+        .ends_with("root"));
     let calls: Vec<String> = recs[1..]
         .iter()
         .map(|r| format!("{} {}", r["method"], r["path"]).replace('"', ""))
@@ -99,6 +180,35 @@ async fn jailed_firecracker_boots_with_private_uid_and_leaves_no_jail() {
         "jail removed after stop: {}",
         jail.display()
     );
+    for p in &cg_parents {
+        assert!(!p.join(&jail_id).exists(), "cgroup removed after stop");
+    }
+    let state = std::fs::read_to_string(format!("/proc/{host_pid}/stat"))
+        .map(|s| {
+            s.rsplit(") ")
+                .next()
+                .unwrap_or("")
+                .chars()
+                .next()
+                .unwrap_or('?')
+        })
+        .unwrap_or('X');
+    assert!(
+        state == 'X' || state == 'Z',
+        "Firecracker ({host_pid}) is gone after stop, state {state}"
+    );
+
+    // Firecracker killed under us is seen through its pidfd.
+    let mut vm = fc.start(&cfg).await.expect("jailed start");
+    let pid = vm.pid().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(vm.exited_within(std::time::Duration::from_secs(5)).await);
+    assert!(vm.exited().unwrap().contains("exited"));
+    vm.stop().await.unwrap();
 
     // A socket path too long for sun_path is refused before anything starts.
     let long = d.join("x".repeat(120));
