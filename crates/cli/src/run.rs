@@ -82,60 +82,27 @@ impl VmArgs {
         Ok(Runner::new(o, &paths.cache))
     }
 
-    /// Kernel, initramfs and image for `lang`, fetched or built first when missing.
+    /// Kernel, initramfs and image for `lang`, fetched or built first when missing (the
+    /// core's policy, [`prepare::vm_files`]).
     pub async fn prepare(
         &self,
         paths: &Paths,
         lang: &infra_languages::Language,
         runner: &Runner,
     ) -> Result<(PathBuf, PathBuf, PathBuf)> {
-        let progress = TerminalProgress::on_stderr();
-        let store = infra_vmm::kernel::KernelStore::new(paths);
-        let kernel = match &self.kernel {
-            Some(k) => k.clone(),
-            None => {
-                prepare::ensure_kernel(paths, &progress)?;
-                store.vmlinux.clone()
-            }
+        let overrides = prepare::FileOverrides {
+            kernel: self.kernel.clone(),
+            rootfs: self.rootfs.clone(),
         };
-        let initramfs = store
-            .initramfs_for(&runner.options().agent)
-            .context("cannot build the initramfs")?;
-        let rootfs = match &self.rootfs {
-            Some(r) => r.clone(),
-            None => {
-                fetch_from_store(paths, &lang.key).await;
-                prepare::ensure_image(paths, lang, &runner.options().agent, &progress).await?
-            }
-        };
-        if !rootfs.exists() {
-            bail!(
-                "rootfs {} does not exist; build it with `infra.operator rootfs create --lang {}`",
-                rootfs.display(),
-                lang.key
-            );
-        }
-        Ok((kernel, initramfs, rootfs))
-    }
-}
-
-/// A missing image is fetched from the configured object store first; when the store does
-/// not have it either (or none is reachable), it is built with debootstrap instead, and the
-/// store's reason is shown unless it was simply "not there".
-async fn fetch_from_store(paths: &Paths, name: &str) {
-    if let Err(e) = crate::store::ensure_local_image(name, paths).await {
-        let not_there = e.chain().any(|c| {
-            matches!(
-                c.downcast_ref::<infra_store::Error>(),
-                Some(
-                    infra_store::Error::NoSuchKey { .. } | infra_store::Error::NoSuchBucket { .. }
-                )
-            )
-        });
-        if !not_there {
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("note: {}; building it instead", chain.join(": "));
-        }
+        let f = prepare::vm_files(
+            paths,
+            lang,
+            &runner.options().agent,
+            &overrides,
+            std::sync::Arc::new(TerminalProgress::on_stderr()),
+        )
+        .await?;
+        Ok((f.kernel, f.initramfs, f.rootfs))
     }
 }
 

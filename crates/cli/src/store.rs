@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use infra_config::Paths;
 use infra_store::artifacts;
 use infra_store::glob::Filter;
+use infra_store::report::aws_size;
 use infra_store::sync::{ActionKind, SyncSide};
 use infra_store::{
     DownloadSummary, Engine, HashCache, InitOptions, Location, NoProgress, ObjectInfo, ObjectStore,
@@ -316,65 +317,12 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
-fn size_h(bytes: u64) -> String {
-    aws_size(bytes, true)
-}
-
-fn rate(bytes: u64, secs: f64) -> String {
-    if secs <= 0.0 || bytes < 1024 * 1024 {
-        return "-".into();
-    }
-    format!("{}/s", aws_size((bytes as f64 / secs) as u64, true))
-}
-
 fn report_upload(u: &UploadSummary) {
-    let sent = if u.bytes_sent != u.size {
-        format!(", {} sent", size_h(u.bytes_sent))
-    } else {
-        String::new()
-    };
-    let resumed = if u.resumed_parts > 0 {
-        format!(
-            ", resumed: {} of {} parts were already there",
-            u.resumed_parts, u.parts
-        )
-    } else {
-        String::new()
-    };
-    println!(
-        "upload: {} to {} ({}{sent} in {:.1} s, {}{resumed}, sha256 {})",
-        u.path.display(),
-        u.url,
-        size_h(u.size),
-        u.seconds,
-        rate(u.size, u.seconds),
-        &u.sha256[..16.min(u.sha256.len())]
-    );
-}
-
-fn download_line(d: &DownloadSummary) -> String {
-    let resumed = if d.resumed_chunks > 0 {
-        format!(", resumed after {} chunks", d.resumed_chunks)
-    } else {
-        String::new()
-    };
-    format!(
-        "download: {} to {} ({} in {:.1} s, {}{resumed}, sha256 {})",
-        d.url,
-        d.path.display(),
-        size_h(d.size),
-        d.seconds,
-        rate(d.size, d.seconds),
-        if d.verified {
-            "verified"
-        } else {
-            "not in the object's metadata: not verified"
-        }
-    )
+    println!("{}", u.line());
 }
 
 fn report_download(d: &DownloadSummary) {
-    println!("{}", download_line(d));
+    println!("{}", d.line());
 }
 
 /// Runs a `store` subcommand.
@@ -391,23 +339,6 @@ pub async fn run(cmd: StoreCommand, paths: &Paths) -> Result<()> {
 }
 
 /// Sizes the way `aws s3 ls --human-readable` prints them.
-fn aws_size(bytes: u64, human: bool) -> String {
-    if !human {
-        return bytes.to_string();
-    }
-    if bytes < 1024 {
-        return format!("{bytes} Bytes");
-    }
-    let mut v = bytes as f64;
-    for unit in ["KiB", "MiB", "GiB", "TiB", "PiB"] {
-        v /= 1024.0;
-        if v < 1024.0 || unit == "PiB" {
-            return format!("{v:.1} {unit}");
-        }
-    }
-    unreachable!()
-}
-
 fn store_label(c: &StoreConfig) -> String {
     match &c.location {
         Location::S3 { bucket, prefix } if prefix.is_empty() => bucket.clone(),
@@ -979,30 +910,6 @@ pub async fn rootfs_list_remote(store: &StoreArgs, json: bool, paths: &Paths) ->
     Ok(())
 }
 
-/// Fetches `rootfs-{name}.ext4` from the configured store when it is not on this host (for
-/// commands that consume images: `run`, `rootfs verify`). Quiet when the image is present.
-pub async fn ensure_local_image(name: &str, paths: &Paths) -> Result<()> {
-    if paths.image(name).is_file() {
-        return Ok(());
-    }
-    let ctx = open(&StoreArgs::default(), paths, false).await?;
-    if let Some(done) = artifacts::ensure_image(&ctx.engine, paths, name)
-        .await
-        .with_context(|| {
-            format!(
-                "image {name} is not on this host ({}) and could not be fetched from the store",
-                paths.image(name).display()
-            )
-        })?
-    {
-        // stdout belongs to the program `run` is about to start.
-        for s in &done {
-            eprintln!("{}", download_line(s));
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1030,13 +937,5 @@ mod tests {
                 Filter::Include("rootfs-*.ext4".into())
             ]
         );
-    }
-
-    #[test]
-    fn aws_sizes() {
-        assert_eq!(aws_size(512 * 1024 * 1024, true), "512.0 MiB");
-        assert_eq!(aws_size(2 * 1024 * 1024 * 1024, true), "2.0 GiB");
-        assert_eq!(aws_size(100, true), "100 Bytes");
-        assert_eq!(aws_size(100, false), "100");
     }
 }

@@ -1,7 +1,12 @@
 //! Getting a host ready to run a language: the kernel and the language's image, fetched or
 //! built on first use so `run` works on a fresh machine with no other step.
+//!
+//! The policy lives here, once, for every front end (`run`, `host`, `rootfs verify`, the HTTP
+//! API): an image missing on this host is fetched from the configured object store; when the
+//! store does not have it either (or none is reachable), it is built with debootstrap.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use infra_config::Paths;
 use infra_image::debootstrap::{Base, CreateOptions};
@@ -114,4 +119,113 @@ pub fn language(name: &str) -> Result<Language, RunError> {
         .get(name)
         .cloned()
         .map_err(|e| RunError::Usage(e.to_string()))
+}
+
+/// The three files a VM boots from.
+#[derive(Debug, Clone)]
+pub struct VmFiles {
+    /// Guest kernel (ELF vmlinux).
+    pub kernel: PathBuf,
+    /// Initramfs carrying this host's agent.
+    pub initramfs: PathBuf,
+    /// The language's root filesystem image.
+    pub rootfs: PathBuf,
+}
+
+/// Files a caller names instead of the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct FileOverrides {
+    /// A kernel file instead of the installed one.
+    pub kernel: Option<PathBuf>,
+    /// An image instead of the language's `rootfs-{lang}.ext4`.
+    pub rootfs: Option<PathBuf>,
+}
+
+/// Kernel, initramfs and image for `lang`: the installed kernel (fetched from Debian when
+/// there is none), an initramfs for `agent`, and the language's image (from the object store,
+/// else built). Progress and notes go to `progress`.
+pub async fn vm_files(
+    paths: &Paths,
+    lang: &Language,
+    agent: &Path,
+    overrides: &FileOverrides,
+    progress: Arc<dyn Progress>,
+) -> Result<VmFiles, RunError> {
+    let store = KernelStore::new(paths);
+    let kernel = match &overrides.kernel {
+        Some(k) => k.clone(),
+        None => {
+            ensure_kernel(paths, progress.as_ref())?;
+            store.vmlinux.clone()
+        }
+    };
+    let initramfs = store.initramfs_for(agent)?;
+    let rootfs = match &overrides.rootfs {
+        Some(r) => r.clone(),
+        None => {
+            fetch_image_from_store(paths, &lang.key, progress.clone()).await;
+            ensure_image(paths, lang, agent, progress.as_ref()).await?
+        }
+    };
+    if !rootfs.exists() {
+        return Err(RunError::Usage(format!(
+            "rootfs {} does not exist; build it with `infra.operator rootfs create --lang {}`",
+            rootfs.display(),
+            lang.key
+        )));
+    }
+    Ok(VmFiles {
+        kernel,
+        initramfs,
+        rootfs,
+    })
+}
+
+/// Fetches `rootfs-{name}.ext4` from the configured store when it is not on this host. A store
+/// that does not have it is not worth a word (the image is built next); any other failure is
+/// shown as a note, and the image is built all the same.
+async fn fetch_image_from_store(paths: &Paths, name: &str, progress: Arc<dyn Progress>) {
+    if paths.image(name).is_file() {
+        return;
+    }
+    let bridge: Arc<dyn infra_store::Progress> = Arc::new(StoreProgress(progress.clone()));
+    let fetched = async {
+        let config =
+            infra_store::StoreConfig::from_env(&infra_store::StoreFlags::default(), paths)?;
+        let store = config.open().await?;
+        let hashes = Arc::new(infra_store::HashCache::load(config.hash_cache_path()));
+        let engine = infra_store::Engine::new(store, config.transfer_options(), bridge, hashes);
+        infra_store::artifacts::ensure_image(&engine, paths, name).await
+    }
+    .await;
+    match fetched {
+        Ok(Some(done)) => {
+            for d in &done {
+                progress.detail(&d.line());
+            }
+        }
+        Ok(None) => {}
+        Err(infra_store::Error::NoSuchKey { .. } | infra_store::Error::NoSuchBucket { .. }) => {}
+        Err(e) => progress.detail(&format!(
+            "note: image {name} could not be fetched from the store ({e}); building it instead"
+        )),
+    }
+}
+
+/// Store transfers shown through the caller's progress.
+struct StoreProgress(Arc<dyn Progress>);
+
+impl infra_store::Progress for StoreProgress {
+    fn start(&self, id: &str, label: &str, total: Option<u64>) {
+        self.0.transfer_start(id, label, total);
+    }
+    fn advance(&self, id: &str, bytes: u64) {
+        self.0.transfer_inc(id, bytes);
+    }
+    fn finish(&self, id: &str) {
+        self.0.transfer_done(id);
+    }
+    fn note(&self, message: &str) {
+        self.0.detail(message);
+    }
 }

@@ -21,6 +21,7 @@ pub mod keys;
 mod local;
 mod object;
 mod progress;
+pub mod report;
 mod s3;
 pub mod sync;
 mod transfer;
