@@ -71,18 +71,23 @@ fn vm_lock() -> MutexGuard<'static, ()> {
     guard
 }
 
-/// No VM directory and no process of ours (QEMU, Firecracker) outlives a run.
-fn assert_clean() {
-    let run_dir = home().join("run");
-    // The uid lease files stay (their locks are the leases); VM directories must not.
-    let left: Vec<_> = std::fs::read_dir(&run_dir)
+/// What is left in a run directory besides the uid lease files (they stay: their locks are
+/// the leases); VM directories must not.
+fn vm_dirs_left(run_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(run_dir)
         .map(|d| {
             d.flatten()
                 .filter(|e| e.file_name() != infra_vmm::uid::LEASE_DIR)
                 .map(|e| e.path())
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// No VM directory and no process of ours (QEMU, Firecracker) outlives a run.
+fn assert_clean() {
+    let run_dir = home().join("run");
+    let left = vm_dirs_left(&run_dir);
     assert!(left.is_empty(), "VM directories left behind: {left:?}");
     let marker = run_dir.to_string_lossy().into_owned();
     let me = std::process::id().to_string();
@@ -444,15 +449,8 @@ fn missing_image_is_fetched_from_the_store_before_building() {
         "the manifest came along"
     );
     let run_dir = home2.join("run");
-    // The uid lease files stay (their locks are the leases); VM directories must not.
-    let left = std::fs::read_dir(&run_dir)
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.file_name() != infra_vmm::uid::LEASE_DIR)
-                .count()
-        })
-        .unwrap_or(0);
-    assert_eq!(left, 0, "VM directories left in {}", run_dir.display());
+    let left = vm_dirs_left(&run_dir);
+    assert!(left.is_empty(), "VM directories left behind: {left:?}");
 }
 
 /// A copy of the python image that also ships a setuid-root `id` (`/usr/local/bin/suid-id`,
