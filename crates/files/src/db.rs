@@ -582,7 +582,7 @@ mod tests {
     #[test]
     fn migration_statements() {
         let s = super::statements(super::MIGRATIONS[0].2);
-        assert_eq!(s.len(), 9, "{s:#?}");
+        assert_eq!(s.len(), 8, "{s:#?}");
         assert!(s.iter().all(|x| !x.contains(';')));
     }
 }
