@@ -24,7 +24,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
 )];
 
 /// PostgreSQL advisory lock key held while migrating ("infiles" in ASCII).
-const MIGRATION_LOCK: i64 = 0x696e_6669_6c65_73;
+const MIGRATION_LOCK: i64 = 0x0069_6e66_696c_6573;
 
 /// Which database is behind the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
