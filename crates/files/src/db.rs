@@ -203,7 +203,7 @@ impl Db {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(8)
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(Duration::from_secs(10))
             .connect(&url)
             .await
             .map_err(|e| FilesError::db("connect", e))?;

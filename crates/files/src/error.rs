@@ -390,3 +390,87 @@ impl FilesError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_and_classification() {
+        let unreachable = infra_store::Error::Unreachable {
+            endpoint: "http://127.0.0.1:1".into(),
+            source: std::io::Error::other("refused").into(),
+        };
+        assert_eq!(
+            FilesError::store("PutObject", unreachable).kind(),
+            ErrorKind::Unavailable
+        );
+        let missing = infra_store::Error::NoSuchBucket { bucket: "b".into() };
+        assert_eq!(
+            FilesError::store("PutObject", missing).kind(),
+            ErrorKind::Unavailable
+        );
+        let gone = infra_store::Error::NoSuchKey {
+            target: "s3://b/k".into(),
+            version: None,
+        };
+        assert_eq!(
+            FilesError::store("GetObject", gone).kind(),
+            ErrorKind::Internal
+        );
+        assert_eq!(
+            FilesError::db("list", sqlx::Error::PoolTimedOut).kind(),
+            ErrorKind::Unavailable
+        );
+        assert_eq!(
+            FilesError::db("list", sqlx::Error::RowNotFound).kind(),
+            ErrorKind::Internal
+        );
+        assert_eq!(
+            FilesError::FileNotFound {
+                id: "file-x".into()
+            }
+            .kind(),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            FilesError::UploadState {
+                id: "upload_x".into(),
+                status: "completed"
+            }
+            .kind(),
+            ErrorKind::Conflict
+        );
+        assert_eq!(
+            FilesError::TooLarge {
+                what: "file",
+                limit: 1,
+                got: None
+            }
+            .kind(),
+            ErrorKind::TooLarge
+        );
+        assert_eq!(
+            FilesError::UnknownPurpose { value: "x".into() }.kind(),
+            ErrorKind::InvalidRequest {
+                param: Some("purpose".into())
+            }
+        );
+    }
+
+    #[test]
+    fn messages_are_one_line_and_escape_untrusted_values() {
+        let e = FilesError::BadFilename {
+            param: "file",
+            name: "a\nb\u{1b}[2J".into(),
+            problem: FilenameProblem::Control,
+        };
+        let hostile = FilesError::FileNotFound {
+            id: "file-\nInjected: yes".into(),
+        };
+        for e in [e, hostile] {
+            let m = e.to_string();
+            assert!(!m.contains('\n') && !m.contains('\u{1b}'), "{m}");
+        }
+    }
+}

@@ -234,7 +234,12 @@ impl Files {
             .set_upload_status(upload_id, &["pending"], "completing")
             .await?
         {
+            // Another request completed, cancelled or is completing it meanwhile.
             self.pending_upload(upload_id).await?;
+            return Err(FilesError::UploadState {
+                id: upload_id.to_string(),
+                status: "being completed",
+            });
         }
         let store = &self.inner.store;
         if let Err(e) = store
@@ -350,6 +355,10 @@ impl Files {
             .await?
         {
             self.pending_upload(upload_id).await?;
+            return Err(FilesError::UploadState {
+                id: upload_id.to_string(),
+                status: "being completed",
+            });
         }
         if let Err(e) = self
             .inner

@@ -123,3 +123,21 @@ async fn missing_bucket_is_unavailable() {
         .unwrap_err();
     assert_eq!(err.kind(), infra_files::ErrorKind::Unavailable, "{err}");
 }
+
+/// A database that went away is an Unavailable error, not an internal one.
+#[tokio::test]
+async fn database_down_is_unavailable() {
+    let pg = Postgres::start();
+    let dsn = pg.create_database("down");
+    let home = tempfile::tempdir().unwrap();
+    let paths = infra_config::Paths::under(home.path());
+    let mut cfg = FilesConfig::embedded(&paths);
+    cfg.config.metadata_store = infra_files::MetadataStore::Postgres {
+        dsn: infra_files::Secret(dsn),
+    };
+    let files = Files::open(&cfg, &paths).await.expect("open");
+    files.list(&Default::default()).await.unwrap();
+    drop(pg);
+    let err = files.list(&Default::default()).await.unwrap_err();
+    assert_eq!(err.kind(), infra_files::ErrorKind::Unavailable, "{err:?}");
+}
