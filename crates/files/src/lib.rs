@@ -392,3 +392,75 @@ pub(crate) fn expires_at(
         None => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The HTTP server runs these futures on a multi-threaded runtime (axum handlers must be
+    /// `Send`): a compile-time check.
+    #[allow(dead_code, clippy::diverging_sub_expression)]
+    fn futures_are_send(f: &Files) {
+        fn send<T: Send>(_: T) {}
+        fn body() -> futures::stream::Empty<std::result::Result<Bytes, std::io::Error>> {
+            futures::stream::empty()
+        }
+        let new = NewFile {
+            filename: "a".into(),
+            purpose: Purpose::UserData,
+            expires_after: None,
+        };
+        send(f.create(new, body()));
+        send(f.list(&ListQuery::default()));
+        send(f.get("file-x"));
+        send(f.delete("file-x"));
+        send(f.content("file-x", None));
+        send(f.create_upload(NewUpload {
+            filename: "a".into(),
+            purpose: Purpose::Batch,
+            bytes: 1,
+            mime_type: "text/plain".into(),
+            expires_after: None,
+        }));
+        send(f.add_part("upload_x", body()));
+        send(f.complete_upload("upload_x", &[], None));
+        send(f.cancel_upload("upload_x"));
+        send(f.sweep(std::time::Duration::ZERO));
+        send(Files::open(
+            &FilesConfig::embedded(&infra_config::Paths::under("/x")),
+            &infra_config::Paths::under("/x"),
+        ));
+    }
+
+    #[test]
+    fn files_is_clone_send_sync() {
+        fn ok<T: Clone + Send + Sync + 'static>() {}
+        ok::<Files>();
+        fn err<T: std::error::Error + Send + Sync + 'static>() {}
+        err::<FilesError>();
+    }
+
+    #[test]
+    fn part_sizes() {
+        const MIB: u64 = 1024 * 1024;
+        assert_eq!(stream::part_size_for(DEFAULT_MAX_FILE_SIZE), 8 * MIB);
+        assert_eq!(stream::part_size_for(1), 8 * MIB);
+        // 100 GiB in at most 10000 parts: a little over 10 MiB each.
+        let p = stream::part_size_for(100 * 1024 * MIB);
+        assert!(p * 10_000 >= 100 * 1024 * MIB && p < 11 * MIB, "{p}");
+        assert_eq!(stream::part_size_for(10_000 * 16 * MIB), 16 * MIB);
+        assert!(stream::part_size_for(u64::MAX) <= 16 * MIB);
+    }
+
+    #[test]
+    fn default_expiry() {
+        let ea = ExpiresAfter {
+            anchor: "created_at".into(),
+            seconds: 7200,
+        };
+        assert_eq!(expires_at(100, Purpose::UserData, None), None);
+        assert_eq!(expires_at(100, Purpose::Batch, None), Some(100 + 2_592_000));
+        assert_eq!(expires_at(100, Purpose::Batch, Some(&ea)), Some(7300));
+        assert_eq!(expires_at(100, Purpose::Vision, Some(&ea)), Some(7300));
+    }
+}
