@@ -39,6 +39,10 @@ pub const MAX_MAX_FILE_SIZE: u64 = 10_000 * 16 * 1024 * 1024;
 /// Largest upload (Uploads API): OpenAI's 8 GB.
 pub const DEFAULT_MAX_UPLOAD_SIZE: u64 = 8 * 1024 * 1024 * 1024;
 
+fn files_api() -> String {
+    "files".into()
+}
+
 /// Which provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum ProviderType {
@@ -138,8 +142,12 @@ pub struct ProviderConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilesConfig {
-    /// Always `files`.
+    /// Always `files` (may be left out).
+    #[serde(default = "files_api")]
     pub api: String,
+    /// Llama Stack's name of the provider entry (`provider_id: s3-files`), kept for messages.
+    #[serde(default)]
+    pub provider_id: Option<String>,
     /// `remote::s3` or `inline::localfs`.
     pub provider_type: ProviderType,
     /// Settings.
@@ -169,6 +177,7 @@ impl FilesConfig {
     pub fn embedded(paths: &infra_config::Paths) -> Self {
         Self {
             api: "files".into(),
+            provider_id: None,
             provider_type: ProviderType::InlineLocalfs,
             config: ProviderConfig {
                 bucket_name: None,
@@ -596,6 +605,20 @@ config:
             let e = FilesConfig::from_yaml_with_env(&text, env(&[("A", "a")])).unwrap_err();
             assert!(matches!(e, FilesError::BadPlaceholder { .. }), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn llama_stack_provider_entry() {
+        // A provider entry of a Llama Stack run.yaml: provider_id, no api.
+        let text = "provider_id: s3-files
+provider_type: remote::s3
+config:
+  bucket_name: bkt
+  metadata_store: {type: sqlite, db_path: /var/lib/files.db}
+";
+        let c = FilesConfig::from_yaml_with_env(text, env(&[])).unwrap();
+        assert_eq!(c.api, "files");
+        assert_eq!(c.provider_id.as_deref(), Some("s3-files"));
     }
 
     #[test]

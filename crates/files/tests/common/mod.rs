@@ -566,6 +566,48 @@ pub async fn uploads(env: &Env) {
         files.cancel_upload("upload_nope").await.unwrap_err().kind(),
         ErrorKind::NotFound
     );
+    // Parts added in parallel get distinct part numbers: exactly one order of them (the order
+    // they were numbered in) completes; the others are refused before anything happens.
+    let same = noise(30, 5 * MIB);
+    let tail = b"tail".to_vec();
+    let mut whole = same.repeat(3);
+    whole.extend_from_slice(&tail);
+    let up5 = files.create_upload(new_upload(whole.len())).await.unwrap();
+    let adds = (0..3).map(|_| {
+        let files = files.clone();
+        let id = up5.id.clone();
+        let data = same.clone();
+        tokio::spawn(async move { files.add_part(&id, body(&data, MIB)).await.unwrap().id })
+    });
+    let mut par = Vec::new();
+    for a in adds {
+        par.push(a.await.unwrap());
+    }
+    let last = files.add_part(&up5.id, body(&tail, 2)).await.unwrap().id;
+    let mut completed = 0;
+    for perm in [
+        [0, 1, 2],
+        [0, 2, 1],
+        [1, 0, 2],
+        [1, 2, 0],
+        [2, 0, 1],
+        [2, 1, 0],
+    ] {
+        let mut list: Vec<String> = perm.iter().map(|&i| par[i].clone()).collect();
+        list.push(last.clone());
+        match files.complete_upload(&up5.id, &list, None).await {
+            Ok(done) => {
+                completed += 1;
+                let f = done.file.unwrap();
+                assert_eq!(f.sha256.as_deref(), Some(sha(&whole).as_str()));
+                files.delete(&f.id).await.unwrap();
+            }
+            Err(FilesError::PartOrder { .. }) => {}
+            Err(FilesError::UploadState { .. }) => {}
+            Err(e) => panic!("{perm:?}: {e}"),
+        }
+    }
+    assert_eq!(completed, 1);
     // A part over the declared size is refused.
     let up4 = files.create_upload(new_upload(10)).await.unwrap();
     let e = files
