@@ -61,9 +61,11 @@ impl Postgres {
                  /usr/lib/postgresql/*/bin): install it with `apt-get install postgresql`"
             )
         });
+        // In /tmp rather than $TMPDIR: the `postgres` user must reach the directory, and a
+        // TMPDIR under a private (0700) home would stop it.
         let dir = tempfile::Builder::new()
             .prefix("pg-test-")
-            .tempdir()
+            .tempdir_in("/tmp")
             .expect("temp dir");
         let as_postgres = is_root();
         if as_postgres {
