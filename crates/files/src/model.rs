@@ -157,8 +157,9 @@ pub struct FileObject {
     pub status: String,
     /// Always null (deprecated by OpenAI, still sent).
     pub status_details: Option<String>,
-    /// Hex sha256 of the content (not an OpenAI field; clients ignore unknown fields).
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    /// Hex sha256 of the content. Not an OpenAI field, so not serialized (the JSON stays
+    /// exactly OpenAI's); the server may send it as a header (`ETag`, a digest header).
+    #[serde(skip_serializing, default)]
     pub sha256: Option<String>,
 }
 
@@ -454,7 +455,7 @@ mod tests {
             purpose: Purpose::FineTune,
             status: "processed".into(),
             status_details: None,
-            sha256: None,
+            sha256: Some("ab".repeat(32)),
         };
         assert_eq!(
             serde_json::to_value(&f).unwrap(),
