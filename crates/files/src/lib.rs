@@ -198,6 +198,24 @@ impl Files {
         ))
     }
 
+    /// Like [`Files::open`] but over a given store (tests: a failure-injecting wrapper).
+    #[cfg(feature = "testing")]
+    pub async fn open_with_store(
+        cfg: &FilesConfig,
+        paths: &infra_config::Paths,
+        store: Arc<dyn ObjectStore>,
+    ) -> Result<Files> {
+        cfg.validate()?;
+        let db = Db::open(&cfg.config.metadata_store).await?;
+        Ok(Self::from_parts(
+            store,
+            db,
+            cfg.max_file_size(),
+            cfg.max_upload_size(),
+            paths.cache.join("files-spool"),
+        ))
+    }
+
     fn from_parts(
         store: Arc<dyn ObjectStore>,
         db: Db,
