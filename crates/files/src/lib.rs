@@ -296,6 +296,7 @@ impl Files {
     }
 
     /// One page of unexpired files.
+    #[tracing::instrument(skip_all)]
     pub async fn list(&self, q: &ListQuery) -> Result<FileList> {
         let limit = q.limit.unwrap_or(MAX_LIST_LIMIT);
         if !(1..=MAX_LIST_LIMIT).contains(&limit) {
@@ -338,12 +339,14 @@ impl Files {
     }
 
     /// One file (NotFound when unknown or expired).
+    #[tracing::instrument(skip_all, fields(id = ?id))]
     pub async fn get(&self, id: &str) -> Result<FileObject> {
         Ok(self.live_row(id).await?.to_object())
     }
 
     /// Deletes a file: the row first (it disappears at once), then the object (a failure there
     /// leaves an orphan for the sweeper).
+    #[tracing::instrument(skip_all, fields(id = ?id))]
     pub async fn delete(&self, id: &str) -> Result<DeletedFile> {
         let row = self.live_row(id).await?;
         if !self.inner.db.delete_file(id).await? {
@@ -358,6 +361,7 @@ impl Files {
     }
 
     /// The content of a file, or a range of it, as a stream.
+    #[tracing::instrument(skip_all, fields(id = ?id, ?range))]
     pub async fn content(&self, id: &str, range: Option<ByteRange>) -> Result<Content> {
         let row = self.live_row(id).await?;
         let file = row.to_object();

@@ -12,6 +12,7 @@ impl Files {
     /// (aborting their multipart uploads), deletes objects under `files/` without a row that
     /// are older than `grace`, and removes rows whose object is gone. Safe to run from several
     /// instances at once.
+    #[tracing::instrument(skip_all)]
     pub async fn sweep(&self, grace: Duration) -> Result<SweepReport> {
         let mut report = SweepReport::default();
         let db = &self.inner.db;

@@ -20,6 +20,7 @@ fn valid_mime(m: &str) -> bool {
 
 impl Files {
     /// Starts an upload: records it and opens the multipart upload of the future file.
+    #[tracing::instrument(skip_all, fields(bytes = req.bytes))]
     pub async fn create_upload(&self, req: NewUpload) -> Result<UploadObject> {
         check_filename(&req.filename).map_err(|problem| FilesError::BadFilename {
             param: "filename",
@@ -99,6 +100,7 @@ impl Files {
     }
 
     /// Adds one part (up to 64 MiB): it becomes exactly one S3 part.
+    #[tracing::instrument(skip_all, fields(upload = ?upload_id))]
     pub async fn add_part(
         &self,
         upload_id: &str,
@@ -161,6 +163,7 @@ impl Files {
 
     /// Completes an upload from `part_ids` (in the order they were added), checks the byte
     /// total and the optional md5, and creates the file.
+    #[tracing::instrument(skip_all, fields(upload = ?upload_id, parts = part_ids.len()))]
     pub async fn complete_upload(
         &self,
         upload_id: &str,
@@ -346,6 +349,7 @@ impl Files {
     }
 
     /// Cancels a pending upload: aborts the multipart upload, forgets the parts.
+    #[tracing::instrument(skip_all, fields(upload = ?upload_id))]
     pub async fn cancel_upload(&self, upload_id: &str) -> Result<UploadObject> {
         let up = self.pending_upload(upload_id).await?;
         if !self
