@@ -66,7 +66,8 @@
 //! the sweeper removes it. [`Files::sweep`] removes expired files (row, then object), aborts
 //! uploads pending past their hour, deletes objects under `files/` that have no row and are
 //! older than the grace period (a create in flight is younger), and deletes rows whose object
-//! is gone (confirmed with a HEAD).
+//! is gone (confirmed with a HEAD). It holds the ids of all rows and the listing of `files/`
+//! in memory (tens of bytes per file): fine for millions of files, not for billions.
 
 mod config;
 mod db;
