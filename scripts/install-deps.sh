@@ -14,6 +14,7 @@ packages=(
   qemu-system-x86  # the microVM backend on hosts without Firecracker (TCG without KVM)
   binutils         # objcopy: strips the agent copied into the guest initramfs
   cpio             # tests: cross-check of the initramfs archive format
+  postgresql       # tests: infra-files runs a private PostgreSQL server (initdb, pg_ctl)
 )
 
 missing=()

@@ -38,7 +38,7 @@ pub use object::{
     META_UNCOMPRESSED_SHA256, META_UNCOMPRESSED_SIZE,
 };
 pub use progress::{NoProgress, Progress};
-pub use s3::{S3Settings, S3Store, DEFAULT_REGION};
+pub use s3::{S3Settings, S3Store, Sse, DEFAULT_REGION};
 pub use transfer::{
     auto_part_size, choose_part_size, partial_paths, DownloadSummary, Engine, TransferOptions,
     UploadSummary, DEFAULT_CONCURRENCY, DEFAULT_PART, MAX_PARTS,

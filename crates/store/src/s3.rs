@@ -52,6 +52,20 @@ pub struct S3Settings {
     pub static_credentials: Option<(String, String, Option<String>)>,
     /// Attempts per request, including the first (retries back off exponentially).
     pub max_attempts: u32,
+    /// Server-side encryption requested on every object written (`None`: the bucket default).
+    pub sse: Option<Sse>,
+}
+
+/// Server-side encryption of written objects (`x-amz-server-side-encryption`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sse {
+    /// SSE-S3 (`AES256`).
+    Aes256,
+    /// SSE-KMS (`aws:kms`), with a key id or the account's default key.
+    Kms {
+        /// KMS key id, ARN or alias; `None` for the default key.
+        key_id: Option<String>,
+    },
 }
 
 impl S3Settings {
@@ -84,6 +98,7 @@ pub struct S3Store {
     prefix: String,
     region: String,
     endpoint: Option<String>,
+    sse: Option<Sse>,
 }
 
 impl S3Store {
@@ -157,6 +172,7 @@ impl S3Store {
             prefix: normalize_prefix(&settings.prefix),
             region: resolved_region,
             endpoint: settings.endpoint.clone(),
+            sse: settings.sse.clone(),
         })
     }
 
@@ -168,6 +184,20 @@ impl S3Store {
     /// Region requests are signed for.
     pub fn region(&self) -> &str {
         &self.region
+    }
+
+    fn sse_algorithm(&self) -> Option<ServerSideEncryption> {
+        self.sse.as_ref().map(|s| match s {
+            Sse::Aes256 => ServerSideEncryption::Aes256,
+            Sse::Kms { .. } => ServerSideEncryption::AwsKms,
+        })
+    }
+
+    fn sse_key_id(&self) -> Option<String> {
+        match &self.sse {
+            Some(Sse::Kms { key_id }) => key_id.clone(),
+            _ => None,
+        }
     }
 
     fn full(&self, key: &str) -> String {
@@ -678,6 +708,8 @@ impl ObjectStore for S3Store {
             .content_length(len as i64)
             .content_type("application/octet-stream")
             .set_metadata(Some(metadata.clone().into_iter().collect()))
+            .set_server_side_encryption(self.sse_algorithm())
+            .set_ssekms_key_id(self.sse_key_id())
             .body(stream)
             .send()
             .await
@@ -707,6 +739,8 @@ impl ObjectStore for S3Store {
             .key(self.full(key))
             .content_type("application/octet-stream")
             .set_metadata(Some(metadata.clone().into_iter().collect()))
+            .set_server_side_encryption(self.sse_algorithm())
+            .set_ssekms_key_id(self.sse_key_id())
             .send()
             .await
             .map_err(|e| self.map_err("CreateMultipartUpload", Some(key), e))?;
