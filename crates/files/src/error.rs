@@ -391,6 +391,21 @@ impl FilesError {
     }
 }
 
+impl ErrorKind {
+    /// The workspace-wide kind (the HTTP API uses [`ErrorKind`] itself for OpenAI's `param`).
+    pub fn general(&self) -> infra_config::ErrorKind {
+        use infra_config::ErrorKind as K;
+        match self {
+            Self::InvalidRequest { .. } => K::Usage,
+            Self::NotFound => K::NotFound,
+            Self::TooLarge => K::TooLarge,
+            Self::Conflict => K::Conflict,
+            Self::Unavailable => K::Unavailable,
+            Self::Internal => K::Failure,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -237,6 +237,16 @@ impl Files {
         }
     }
 
+    /// Largest file `create` accepts, bytes.
+    pub fn max_file_size(&self) -> u64 {
+        self.inner.max_file_size
+    }
+
+    /// Largest upload of the Uploads API, bytes.
+    pub fn max_upload_size(&self) -> u64 {
+        self.inner.max_upload_size
+    }
+
     /// The object store (for diagnostics and tests).
     pub fn store(&self) -> Arc<dyn ObjectStore> {
         self.inner.store.clone()

@@ -22,6 +22,7 @@ pub const BATCH_DEFAULT_EXPIRY: i64 = MAX_EXPIRES_SECONDS;
 
 /// What a file is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Purpose {
     /// `assistants`
     #[serde(rename = "assistants")]
@@ -101,6 +102,7 @@ impl std::fmt::Display for Purpose {
 
 /// `expires_after` of a file or upload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExpiresAfter {
     /// Only `created_at`.
     pub anchor: String,
@@ -138,6 +140,7 @@ pub struct NewFile {
 
 /// A file, as OpenAI serializes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FileObject {
     /// `file-…`.
     pub id: String,
@@ -165,6 +168,7 @@ pub struct FileObject {
 
 /// Sort order of a list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Order {
     /// Oldest first.
@@ -200,6 +204,7 @@ pub struct ListQuery {
 
 /// A page of files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FileList {
     /// Always `list`.
     pub object: String,
@@ -215,6 +220,7 @@ pub struct FileList {
 
 /// Answer to a delete.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeletedFile {
     /// The id.
     pub id: String,
@@ -313,6 +319,7 @@ pub struct NewUpload {
 
 /// Status of an upload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum UploadStatus {
     /// Parts may be added.
@@ -339,6 +346,7 @@ impl UploadStatus {
 
 /// An upload, as OpenAI serializes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UploadObject {
     /// `upload_…`.
     pub id: String,
@@ -362,6 +370,7 @@ pub struct UploadObject {
 
 /// A part of an upload, as OpenAI serializes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UploadPart {
     /// `part_…`.
     pub id: String,

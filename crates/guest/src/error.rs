@@ -139,3 +139,18 @@ impl ExecError {
         }
     }
 }
+
+impl AgentError {
+    /// The kind of this failure (every variant named).
+    pub fn kind(&self) -> infra_config::ErrorKind {
+        use infra_config::ErrorKind as K;
+        match self {
+            // Flags that cannot be used as given: a public TCP address needs --token-file.
+            Self::TokenRequired { .. } | Self::EmptyToken => K::Usage,
+            Self::Bind { .. }
+            | Self::NoListener { .. }
+            | Self::Workspace { .. }
+            | Self::Signal(_) => K::Failure,
+        }
+    }
+}

@@ -236,3 +236,33 @@ impl<T> IoContext<T> for std::io::Result<T> {
         self.map_err(|e| Error::io(action, path, e))
     }
 }
+
+impl Error {
+    /// The kind of this failure (every variant named).
+    pub fn kind(&self) -> infra_config::ErrorKind {
+        use infra_config::ErrorKind as K;
+        match self {
+            Self::HostileEntry { .. }
+            | Self::CorruptLayer { .. }
+            | Self::DigestMismatch { .. }
+            | Self::Archive { .. }
+            | Self::InvalidReference { .. } => K::Refused,
+            Self::NotFound { .. } | Self::PlatformNotFound { .. } => K::NotFound,
+            Self::LimitExceeded { .. } => K::TooLarge,
+            Self::MissingTool { .. }
+            | Self::NeedRoot
+            | Self::AuthDenied { .. }
+            | Self::AgentNotStatic { .. } => K::Prerequisite,
+            Self::HostDir(e) => e.kind(),
+            Self::Unreachable { .. } | Self::Daemon { .. } | Self::MirrorUnreachable { .. } => {
+                K::Unavailable
+            }
+            Self::Usage(_) | Self::TooSmall { .. } => K::Usage,
+            Self::Language(e) => e.kind(),
+            Self::Registry { .. }
+            | Self::ToolFailed { .. }
+            | Self::DiskFull { .. }
+            | Self::Io { .. } => K::Failure,
+        }
+    }
+}

@@ -179,6 +179,16 @@ impl LanguageTable {
     }
 }
 
+impl Error {
+    /// The kind of this failure (every variant named).
+    pub fn kind(&self) -> infra_config::ErrorKind {
+        match self {
+            Self::Unknown { .. } => infra_config::ErrorKind::Usage,
+            Self::Invalid(_) => infra_config::ErrorKind::Failure,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

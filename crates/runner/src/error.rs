@@ -135,3 +135,25 @@ impl From<Violation> for RunError {
         RunError::Protocol { violation }
     }
 }
+
+impl RunError {
+    /// The kind of this failure (every variant named). A guest that breaks the protocol, goes
+    /// silent or closes is a sandbox failure, never a crash of the host side.
+    pub fn kind(&self) -> infra_config::ErrorKind {
+        use infra_config::ErrorKind as K;
+        match self {
+            Self::Vm(e) => e.kind(),
+            Self::Kernel(e) => e.kind(),
+            Self::Image(e) => e.kind(),
+            Self::HostDir(e) => e.kind(),
+            Self::AgentSend { .. }
+            | Self::AgentRead { .. }
+            | Self::AgentClosed
+            | Self::AgentSilent { .. }
+            | Self::Protocol { .. }
+            | Self::Refused { .. } => K::Sandbox,
+            Self::VersionMismatch { .. } | Self::Prerequisite(_) => K::Prerequisite,
+            Self::Usage(_) => K::Usage,
+        }
+    }
+}

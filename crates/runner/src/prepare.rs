@@ -155,6 +155,8 @@ pub async fn vm_files(
     let kernel = match &overrides.kernel {
         Some(k) => k.clone(),
         None => {
+            let lock = language_lock("\0kernel");
+            let _held = lock.lock().await;
             ensure_kernel(paths, progress.as_ref())?;
             store.vmlinux.clone()
         }
@@ -163,6 +165,10 @@ pub async fn vm_files(
     let rootfs = match &overrides.rootfs {
         Some(r) => r.clone(),
         None => {
+            // One fetch-or-build per language at a time in this process (the HTTP API gets
+            // many first requests for a language at once); the others wait and find it.
+            let lock = language_lock(&lang.key);
+            let _held = lock.lock().await;
             fetch_image_from_store(paths, &lang.key, progress.clone()).await;
             ensure_image(paths, lang, agent, progress.as_ref()).await?
         }
@@ -181,6 +187,18 @@ pub async fn vm_files(
     })
 }
 
+/// The lock that serializes preparing `key`'s image in this process.
+fn language_lock(key: &str) -> Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    > = std::sync::OnceLock::new();
+    let mut map = LOCKS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    map.entry(key.to_string()).or_default().clone()
+}
+
 /// Fetches `rootfs-{name}.ext4` from the configured store when it is not on this host. A store
 /// that does not have it is not worth a word (the image is built next); any other failure is
 /// shown as a note, and the image is built all the same.
@@ -192,9 +210,7 @@ async fn fetch_image_from_store(paths: &Paths, name: &str, progress: Arc<dyn Pro
     let fetched = async {
         let config =
             infra_store::StoreConfig::from_env(&infra_store::StoreFlags::default(), paths)?;
-        let store = config.open().await?;
-        let hashes = Arc::new(infra_store::HashCache::load(config.hash_cache_path()));
-        let engine = infra_store::Engine::new(store, config.transfer_options(), bridge, hashes);
+        let engine = config.engine(bridge).await?;
         infra_store::artifacts::ensure_image(&engine, paths, name).await
     }
     .await;

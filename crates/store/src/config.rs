@@ -300,6 +300,19 @@ impl StoreConfig {
         }
     }
 
+    /// Opens the store and wraps it in a transfer engine with this configuration's options and
+    /// hash cache: what every front end uses to move images and the kernel.
+    pub async fn engine(&self, progress: Arc<dyn crate::Progress>) -> Result<crate::Engine> {
+        let store = self.open().await?;
+        let hashes = Arc::new(crate::HashCache::load(self.hash_cache_path()));
+        Ok(crate::Engine::new(
+            store,
+            self.transfer_options(),
+            progress,
+            hashes,
+        ))
+    }
+
     /// The hash cache file (`<cache>/store/hashes.json`).
     pub fn hash_cache_path(&self) -> PathBuf {
         self.state_dir.join("hashes.json")

@@ -333,3 +333,30 @@ impl<T> IoContext<T> for std::io::Result<T> {
         self.map_err(|e| Error::io(op, path, e))
     }
 }
+
+impl Error {
+    /// The kind of this failure (every variant named).
+    pub fn kind(&self) -> infra_config::ErrorKind {
+        use infra_config::ErrorKind as K;
+        match self {
+            Self::NoSuchBucket { .. } | Self::NoSuchKey { .. } => K::NotFound,
+            Self::ChecksumMismatch { .. }
+            | Self::SourceMismatch { .. }
+            | Self::Corrupt { .. }
+            | Self::UnsafeKey { .. }
+            | Self::UnsafeKeysSkipped { .. } => K::Refused,
+            Self::NoCredentials { .. }
+            | Self::BadCredentials { .. }
+            | Self::AccessDenied { .. }
+            | Self::WrongRegion { .. }
+            | Self::Unsupported { .. } => K::Prerequisite,
+            Self::Unreachable { .. } => K::Unavailable,
+            Self::Invalid { .. } | Self::Config { .. } => K::Usage,
+            Self::Changed { .. } => K::Conflict,
+            Self::Service { .. }
+            | Self::Request { .. }
+            | Self::DiskFull { .. }
+            | Self::Io { .. } => K::Failure,
+        }
+    }
+}

@@ -120,3 +120,33 @@ impl VmError {
         }
     }
 }
+
+impl KernelError {
+    /// The kind of this failure (every variant named).
+    pub fn kind(&self) -> infra_config::ErrorKind {
+        use infra_config::ErrorKind as K;
+        match self {
+            Self::Io { .. } => K::Failure,
+            Self::Format(_) => K::Refused,
+            Self::MissingModule(_) | Self::NotInstalled(_) => K::Prerequisite,
+            Self::HostDir(e) => e.kind(),
+            Self::Fetch { .. } => K::Unavailable,
+        }
+    }
+}
+
+impl VmError {
+    /// The kind of this failure (every variant named).
+    pub fn kind(&self) -> infra_config::ErrorKind {
+        use infra_config::ErrorKind as K;
+        match self {
+            Self::MissingVmm { .. } => K::Prerequisite,
+            Self::Start { .. }
+            | Self::Api { .. }
+            | Self::BootTimeout { .. }
+            | Self::Exited { .. } => K::Sandbox,
+            Self::HostDir(e) => e.kind(),
+            Self::Io { .. } => K::Failure,
+        }
+    }
+}

@@ -100,10 +100,17 @@ pub async fn fetch(
 
     let blobs = opts.blob_cache.join("sha256");
     infra_config::ensure_dir(&blobs, infra_config::PRIVATE_DIR)?;
-    let jobs = manifest.layers.iter().enumerate().map(|(i, layer)| {
-        let (client, image, blobs, whole) = (&client, &image, &blobs, &whole);
-        async move { download_blob(client, image, layer, blobs, whole, i, progress).await }
-    });
+    // Collected first: a stream over a closure that borrows the descriptors is not provably
+    // `Send` for callers that spawn the whole preparation (the HTTP API does).
+    let jobs: Vec<_> = manifest
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, layer)| {
+            let (client, image, blobs, whole) = (&client, &image, &blobs, &whole);
+            async move { download_blob(client, image, layer, blobs, whole, i, progress).await }
+        })
+        .collect();
     let paths: Vec<PathBuf> = futures::stream::iter(jobs)
         .buffered(opts.concurrency.max(1))
         .try_collect()

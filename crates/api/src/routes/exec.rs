@@ -1,0 +1,502 @@
+//! `POST /api/v1/execute`, `POST /api/v1/execute/stream` (SSE) and `POST /api/v1/run` (the
+//! original's batch form). Each execution takes a slot, prepares the language through the core
+//! (`infra_runner::prepare::vm_files`: local, else the object store, else a build), and runs in a
+//! fresh microVM that is destroyed afterwards.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::Stream;
+use infra_runner::{Output, RunOutcome, RunSpec};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, ApiJson, ApiResult, ErrorBody};
+use crate::{AppState, LogProgress};
+
+/// A source file of the original API's `files` form.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SourceFile {
+    /// File name (a plain name; no directories).
+    pub name: String,
+    /// File content (text).
+    pub content: String,
+}
+
+/// `POST /api/v1/execute` body.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecuteRequest {
+    /// Language key or alias (`python`, `py`, `nodejs`, `js`, ...).
+    pub language: String,
+    /// The program. Either this or `files`.
+    #[serde(default)]
+    pub code: Option<String>,
+    /// The original API's form: without `code`, the first file is the program and the others
+    /// are written beside it; with `code`, all are written beside it.
+    #[serde(default)]
+    pub files: Option<Vec<SourceFile>>,
+    /// Standard input.
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Wall-clock limit for the program, seconds (default and most: the server's config).
+    #[serde(default)]
+    pub timeout: Option<u64>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Program arguments.
+    #[serde(default)]
+    pub args: Option<Vec<String>>,
+    /// Files API ids placed in the run's workspace under their filenames.
+    #[serde(default)]
+    pub file_ids: Option<Vec<String>>,
+}
+
+/// `POST /api/v1/run` body: the original's batch form (`stdin` may be an array).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// Language key or alias.
+    pub language: String,
+    /// The program. Either this or `files`.
+    #[serde(default)]
+    pub code: Option<String>,
+    /// Source files (see `ExecuteRequest.files`).
+    #[serde(default)]
+    pub files: Option<Vec<SourceFile>>,
+    /// One input, or one per execution.
+    #[serde(default)]
+    pub stdin: Option<StdinForm>,
+    /// Seconds.
+    #[serde(default)]
+    pub timeout: Option<u64>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Program arguments.
+    #[serde(default)]
+    pub args: Option<Vec<String>>,
+}
+
+/// `stdin` of the batch form.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum StdinForm {
+    /// One input.
+    One(String),
+    /// One execution per input.
+    Many(Vec<String>),
+}
+
+/// The result of one execution: `run --json`'s shape.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExecuteResponse {
+    /// Request id (`tr-…`).
+    pub trace_id: String,
+    /// `success`, `error`, `timeout`, `compile_error`, `internal_error`.
+    pub status: String,
+    /// Program stdout (lossy UTF-8).
+    pub stdout: String,
+    /// Program stderr (lossy UTF-8).
+    pub stderr: String,
+    /// Shell-style exit code (124 on timeout, 128+N for signals).
+    pub exit_code: i32,
+    /// Program wall time, seconds.
+    pub exec_time: f64,
+    /// Language key.
+    pub lang: String,
+    /// Boot-to-ready time, seconds.
+    pub boot_time: f64,
+    /// The whole execution, seconds.
+    pub total_time: f64,
+    /// `firecracker` or `qemu`.
+    pub backend: String,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    /// The wall timeout fired.
+    pub timed_out: bool,
+    /// Signal that ended the program.
+    pub signal: Option<i32>,
+    /// stdout was cut at the cap.
+    pub stdout_truncated: bool,
+    /// stderr was cut at the cap.
+    pub stderr_truncated: bool,
+    /// Peak memory of the program, bytes.
+    pub peak_memory_bytes: Option<u64>,
+    /// Compiler output for `compile_error`.
+    pub compile_output: Option<String>,
+    /// Agent version in the guest.
+    pub agent_version: String,
+    /// The input echoed (batch form with several inputs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+}
+
+impl From<RunOutcome> for ExecuteResponse {
+    fn from(o: RunOutcome) -> Self {
+        // Named in full: a new outcome field must be placed here.
+        let RunOutcome {
+            trace_id,
+            status,
+            stdout,
+            stderr,
+            exit_code,
+            exec_time,
+            lang,
+            boot_time,
+            total_time,
+            backend,
+            accel,
+            timed_out,
+            signal,
+            stdout_truncated,
+            stderr_truncated,
+            peak_memory_bytes,
+            compile_output,
+            agent_version,
+        } = o;
+        Self {
+            trace_id,
+            status,
+            stdout,
+            stderr,
+            exit_code,
+            exec_time,
+            lang,
+            boot_time,
+            total_time,
+            backend,
+            accel,
+            timed_out,
+            signal,
+            stdout_truncated,
+            stderr_truncated,
+            peak_memory_bytes,
+            compile_output,
+            agent_version,
+            stdin: None,
+        }
+    }
+}
+
+/// Most bytes of code, stdin, env and args in one execution (one protocol frame carries
+/// them).
+const MAX_EXEC_PAYLOAD: usize = 3 << 20;
+
+/// A checked execution, ready to run.
+struct Job {
+    lang: infra_languages::Language,
+    code: String,
+    stdin: Vec<u8>,
+    env: BTreeMap<String, String>,
+    args: Vec<String>,
+    timeout: Duration,
+}
+
+fn check_job(state: &AppState, req: ExecuteRequest) -> ApiResult<Job> {
+    let ExecuteRequest {
+        language,
+        code,
+        files,
+        stdin,
+        timeout,
+        env,
+        args,
+        file_ids: _,
+    } = req;
+    let lang = infra_runner::prepare::language(&language)
+        .map_err(|e| ApiError::bad("language", e.to_string()))?;
+    let mut files = files.unwrap_or_default();
+    let code = match code {
+        Some(c) => c,
+        None if !files.is_empty() => files.remove(0).content,
+        None => {
+            return Err(ApiError::bad(
+                "code",
+                "either 'code' or 'files' must be provided",
+            ))
+        }
+    };
+    if code.trim().is_empty() {
+        return Err(ApiError::bad("code", "the code is empty; send a program"));
+    }
+    if !files.is_empty() {
+        return Err(ApiError::bad(
+            "files",
+            "extra source files besides the program are not supported yet; upload them with the Files API and pass file_ids",
+        ));
+    }
+    let limits = &state.config.runs;
+    let secs = timeout.unwrap_or(limits.default_timeout);
+    if secs == 0 || secs > limits.max_timeout {
+        return Err(ApiError::bad(
+            "timeout",
+            format!(
+                "timeout must be 1 to {} seconds, got {secs}",
+                limits.max_timeout
+            ),
+        ));
+    }
+    let env = env.unwrap_or_default();
+    for (k, v) in &env {
+        if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+            return Err(ApiError::bad(
+                "env",
+                format!("environment variable {k:?} is not valid: names are non-empty without '=' or NUL, values without NUL"),
+            ));
+        }
+    }
+    let args = args.unwrap_or_default();
+    if args.iter().any(|a| a.contains('\0')) {
+        return Err(ApiError::bad("args", "arguments cannot contain NUL bytes"));
+    }
+    let stdin = stdin.unwrap_or_default().into_bytes();
+    let payload = code.len()
+        + stdin.len()
+        + env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        + args.iter().map(String::len).sum::<usize>();
+    if payload > MAX_EXEC_PAYLOAD {
+        return Err(ApiError::bad(
+            "code",
+            format!("code, stdin, env and args add up to {payload} bytes; the most is {MAX_EXEC_PAYLOAD} (send large data as files with file_ids)"),
+        ));
+    }
+    Ok(Job {
+        lang,
+        code,
+        stdin,
+        env,
+        args,
+        timeout: Duration::from_secs(secs),
+    })
+}
+
+/// Runs one checked job in a slot; output chunks go to `on_output`.
+async fn run_job(
+    state: &AppState,
+    job: Job,
+    on_output: impl FnMut(Output) + Send + 'static,
+) -> ApiResult<ExecuteResponse> {
+    if *state.stopping.borrow() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let _slot = state.slots.acquire(&state.metrics).await?;
+    // Boxed as `Send` here, where the lifetimes are concrete (the streaming route spawns
+    // this future, and rustc cannot prove `Send` for the unboxed one there).
+    let prepare: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
+        Box::pin(infra_runner::prepare::vm_files(
+            &state.paths,
+            &job.lang,
+            &state.runner.options().agent,
+            &state.overrides,
+            Arc::new(LogProgress),
+        ));
+    let files = prepare.await?;
+    let limits = &state.config.runs;
+    let spec = RunSpec {
+        lang: job.lang.key.clone(),
+        code: job.code,
+        argv: job.args,
+        stdin: job.stdin,
+        env: job.env,
+        timeout: job.timeout,
+        max_output_bytes: limits.max_output_bytes,
+        mem_mib: limits.mem_mib,
+        vcpus: limits.vcpus,
+        max_pids: infra_runner::DEFAULT_MAX_PIDS,
+        rootfs: files.rootfs,
+        kernel: files.kernel,
+    };
+    state.metrics.vms_live.inc();
+    let run: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
+        Box::pin(state.runner.run(&spec, &files.initramfs, on_output));
+    let result = run.await;
+    state.metrics.vms_live.dec();
+    let status = match &result {
+        Ok(o) => o.status.clone(),
+        Err(e) => e.kind().as_str().to_string(),
+    };
+    state
+        .metrics
+        .runs
+        .get_or_create(&crate::metrics::RunLabels {
+            language: job.lang.key.clone(),
+            status,
+        })
+        .inc();
+    let outcome = result?;
+    state.metrics.run_seconds.observe(outcome.total_time);
+    Ok(outcome.into())
+}
+
+/// Runs code in a fresh microVM and returns its result.
+#[utoipa::path(post, path = "/api/v1/execute", tag = "execution",
+    request_body = ExecuteRequest,
+    responses(
+        (status = 200, description = "The program ran (its own failure is in `status` and `exit_code`)", body = ExecuteResponse),
+        (status = 400, description = "Bad request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 429, description = "Queue full; see Retry-After", body = ErrorBody),
+        (status = 500, description = "Host prerequisite missing", body = ErrorBody),
+        (status = 502, description = "The sandbox failed", body = ErrorBody),
+        (status = 503, description = "Shutting down or a dependency is down", body = ErrorBody),
+    ))]
+pub async fn execute(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<ExecuteRequest>,
+) -> ApiResult<Json<ExecuteResponse>> {
+    if req.file_ids.as_ref().is_some_and(|v| !v.is_empty()) {
+        return Err(ApiError::bad(
+            "file_ids",
+            "file_ids are not supported by this server build",
+        ));
+    }
+    let job = check_job(&state, req)?;
+    Ok(Json(run_job(&state, job, |_| {}).await?))
+}
+
+/// One SSE event of `execute/stream`'s output.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OutputEvent {
+    /// A chunk of output (lossy UTF-8; a multi-byte character split across chunks shows as
+    /// U+FFFD).
+    pub data: String,
+}
+
+/// Runs code and streams `stdout`, `stderr`, then `exit` (the full result) or `error` events
+/// (Server-Sent Events). Closing the connection stops the VM.
+#[utoipa::path(post, path = "/api/v1/execute/stream", tag = "execution",
+    request_body = ExecuteRequest,
+    responses(
+        (status = 200, description = "text/event-stream: `stdout` and `stderr` events ({data}), then `exit` (ExecuteResponse) or `error` (ErrorBody)", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Bad request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 429, description = "Queue full; see Retry-After", body = ErrorBody),
+    ))]
+pub async fn execute_stream(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<ExecuteRequest>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    if req.file_ids.as_ref().is_some_and(|v| !v.is_empty()) {
+        return Err(ApiError::bad(
+            "file_ids",
+            "file_ids are not supported by this server build",
+        ));
+    }
+    let job = check_job(&state, req)?;
+    if *state.stopping.borrow() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let task_state = state.clone();
+    tokio::spawn(async move {
+        let out_tx = tx.clone();
+        let run = run_job(&task_state, job, move |o| {
+            let (name, d) = match o {
+                Output::Stdout(d) => ("stdout", d),
+                Output::Stderr(d) => ("stderr", d),
+            };
+            let ev = OutputEvent {
+                data: String::from_utf8_lossy(&d).into_owned(),
+            };
+            if let Ok(ev) = Event::default().event(name).json_data(ev) {
+                let _ = out_tx.send(ev);
+            }
+        });
+        // The client went away: dropping the run stops its VM.
+        let closed = tx.clone();
+        let ev = tokio::select! {
+            r = run => match r {
+                Ok(res) => Event::default().event("exit").json_data(res),
+                Err(e) => {
+                    let resp = e.into_response();
+                    let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap_or_default();
+                    Ok(Event::default().event("error").data(String::from_utf8_lossy(&body)))
+                }
+            },
+            () = closed.closed() => {
+                tracing::info!("stream client went away; the run was stopped");
+                return;
+            }
+        };
+        if let Ok(ev) = ev {
+            let _ = tx.send(ev);
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|ev| (Ok::<_, Infallible>(ev), rx))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// The original API's batch form: `stdin` as an array runs the program once per input (one
+/// fresh VM each, in order) and answers an array, each result with its `stdin` echoed.
+#[utoipa::path(post, path = "/api/v1/run", tag = "execution",
+    request_body = BatchRequest,
+    responses(
+        (status = 200, description = "One result, or an array with `stdin` array input", body = ExecuteResponse),
+        (status = 400, description = "Bad request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 429, description = "Queue full; see Retry-After", body = ErrorBody),
+        (status = 502, description = "The sandbox failed", body = ErrorBody),
+    ))]
+pub async fn run_batch(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<BatchRequest>,
+) -> ApiResult<Response> {
+    let (inputs, many) = match req.stdin {
+        None => (vec![String::new()], false),
+        Some(StdinForm::One(s)) => (vec![s], false),
+        Some(StdinForm::Many(v)) if v.is_empty() => {
+            return Err(ApiError::bad(
+                "stdin",
+                "stdin is an empty array; send at least one input",
+            ))
+        }
+        Some(StdinForm::Many(v)) if v.len() > 100 => {
+            return Err(ApiError::bad(
+                "stdin",
+                format!("{} inputs; the most per request is 100", v.len()),
+            ))
+        }
+        Some(StdinForm::Many(v)) => (v, true),
+    };
+    let mut jobs = Vec::new();
+    for input in &inputs {
+        jobs.push(check_job(
+            &state,
+            ExecuteRequest {
+                language: req.language.clone(),
+                code: req.code.clone(),
+                files: req.files.clone(),
+                stdin: Some(input.clone()),
+                timeout: req.timeout,
+                env: req.env.clone(),
+                args: req.args.clone(),
+                file_ids: None,
+            },
+        )?);
+    }
+    let mut results = Vec::new();
+    for (job, input) in jobs.into_iter().zip(inputs) {
+        let mut r = run_job(&state, job, |_| {}).await?;
+        if many {
+            r.stdin = Some(input);
+        }
+        results.push(r);
+    }
+    Ok(if many {
+        Json(results).into_response()
+    } else {
+        Json(results.remove(0)).into_response()
+    })
+}
