@@ -40,6 +40,9 @@ pub struct AgentInfo {
     pub agent_version: String,
     /// Languages whose toolchain is present in the image.
     pub languages: Vec<String>,
+    /// Optional protocol features the agent announced (e.g.
+    /// [`infra_protocol::FEATURE_FILE_TRANSFER`]).
+    pub features: Vec<String>,
 }
 
 /// Output of a running program, as it arrives.
@@ -67,6 +70,7 @@ fn reply_kind(r: &Reply) -> &'static str {
         Reply::Stderr { .. } => "stderr",
         Reply::Exit(_) => "exit",
         Reply::FileData { .. } => "file_data",
+        Reply::FileList { .. } => "file_list",
         Reply::Ok { .. } => "ok",
         Reply::Error { .. } => "error",
     }
@@ -199,6 +203,7 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
                 version,
                 agent_version,
                 languages,
+                features,
             } if rid == id => {
                 if version != PROTOCOL_VERSION {
                     return Err(RunError::VersionMismatch {
@@ -210,6 +215,7 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
                 Ok(AgentInfo {
                     agent_version,
                     languages,
+                    features,
                 })
             }
             Reply::Error { code, message, .. } => {
@@ -304,6 +310,7 @@ mod tests {
                 version: PROTOCOL_VERSION + 1,
                 agent_version: "9.9.9".into(),
                 languages: vec!["python".into()],
+                features: vec![],
             };
             write_message_async(&mut guest, &reply).await.unwrap();
         });
