@@ -3,6 +3,7 @@
 
 mod guest;
 mod kernel;
+mod outputs;
 mod rootfs;
 mod run;
 mod setup;
@@ -208,9 +209,10 @@ fn exit_code(e: &anyhow::Error) -> i32 {
         _ => {
             use infra_runner::RunError as R;
             match e.downcast_ref::<R>() {
-                Some(R::Usage(_)) => exit::USAGE,
+                // A --file-in that cannot be read is a bad flag, like a bad name.
+                Some(R::Usage(_) | R::InputFile { .. }) => exit::USAGE,
                 Some(R::Prerequisite(_) | R::Kernel(_) | R::HostDir(_)) => exit::PREREQUISITE,
-                Some(R::VersionMismatch { .. }) => exit::PREREQUISITE,
+                Some(R::VersionMismatch { .. } | R::AgentTooOld { .. }) => exit::PREREQUISITE,
                 // A guest that breaks the protocol, goes silent or closes: a sandbox failure
                 // (125 for `run`/`host`, see `main`), never a crash of this process.
                 Some(
@@ -221,7 +223,10 @@ fn exit_code(e: &anyhow::Error) -> i32 {
                     | R::AgentClosed
                     | R::AgentSilent { .. }
                     | R::Protocol { .. }
-                    | R::Refused { .. },
+                    | R::Refused { .. }
+                    | R::FileTooLarge { .. }
+                    | R::HostIo { .. }
+                    | R::OutputFile { .. },
                 )
                 | None => exit::FAILURE,
             }
