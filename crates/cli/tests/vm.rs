@@ -413,6 +413,14 @@ fn bad_requests_fail_before_booting() {
     let o = run(&["run", "-l", "python", "-c", "   "]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("empty"), "{}", text(&o.stderr));
+    for bad in [
+        "/etc/hostname:../x",
+        "/etc/hostname:/abs",
+        "/nonexistent/file",
+    ] {
+        let o = run(&["run", "-l", "python", "-c", "1", "--file-in", bad]);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", text(&o.stderr));
+    }
 }
 
 #[test]
@@ -632,5 +640,71 @@ fn untrusted_code_cannot_become_root_or_reach_the_agent() {
             checks.join("\n")
         );
     }
+    assert_clean();
+}
+
+/// Files in, files out: `--file-in` puts host files in /workspace (the program's working
+/// directory), and what the program writes under output/ (relative or as /workspace/output)
+/// comes back into `--output-dir` under its name, listed in the JSON result. The 3 MiB file
+/// crosses in several chunks both ways.
+#[test]
+fn input_files_go_in_and_output_files_come_back() {
+    let _g = vm_lock();
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data.txt");
+    std::fs::write(&data, "21\n").unwrap();
+    let blob: Vec<u8> = (0..3u32 << 20).map(|i| (i % 253) as u8).collect();
+    let blob_path = work.path().join("blob.bin");
+    std::fs::write(&blob_path, &blob).unwrap();
+    let out = work.path().join("OUT");
+    let code = "import os\n\
+                print(os.getcwd())\n\
+                n = int(open('data.txt').read())\n\
+                open('output/result.txt', 'w').write(str(2 * n))\n\
+                os.makedirs('/workspace/output/sub')\n\
+                open('/workspace/output/sub/b.bin', 'wb').write(open('in/blob.bin', 'rb').read())\n\
+                os.symlink('/etc/passwd', 'output/passwd')\n";
+    let o = run(&[
+        "run",
+        "--lang",
+        "python",
+        "-c",
+        code,
+        "--file-in",
+        &format!("{}:data.txt", data.display()),
+        "--file-in",
+        &format!("{}:in/blob.bin", blob_path.display()),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--accel",
+        "tcg",
+        "--json",
+    ]);
+    let v = json(&o);
+    assert!(o.status.success(), "{v}\n{}", text(&o.stderr));
+    assert_eq!(v["stdout"], "/workspace\n", "{v}");
+    assert_eq!(
+        v["output_files"],
+        serde_json::json!([
+            {"name": "result.txt", "bytes": 2, "mode": 0o644},
+            {"name": "sub/b.bin", "bytes": 3 << 20, "mode": 0o644},
+        ]),
+        "{v}"
+    );
+    assert_eq!(v["output_files_skipped"], serde_json::json!([]));
+    assert_eq!(v["output_files_truncated"], false);
+    assert_eq!(
+        std::fs::read_to_string(out.join("result.txt")).unwrap(),
+        "42"
+    );
+    assert!(std::fs::read(out.join("sub/b.bin")).unwrap() == blob);
+    // Only the two files (the symlink stayed in the guest), no staging directory left.
+    let mut left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["result.txt", "sub"]);
     assert_clean();
 }
