@@ -294,15 +294,6 @@ struct Walk {
 }
 
 impl Walk {
-    /// Whether the walk must stop (and has marked the listing truncated).
-    fn full(&mut self) -> bool {
-        self.out.truncated = self.out.truncated
-            || self.scanned >= MAX_LIST_SCAN
-            || self.out.entries.len() >= self.max_entries
-            || self.bytes >= MAX_LIST_BYTES;
-        self.out.truncated
-    }
-
     /// Walks the open directory `dir` (whose path relative to the listed one is `prefix`).
     fn dir(&mut self, dir: OwnedFd, prefix: &str, depth: usize) -> Result<(), Errno> {
         let mut d = Dir::from_fd(dir)?;
@@ -322,7 +313,8 @@ impl Walk {
         }
         names.sort();
         for name in names {
-            if self.full() {
+            // Set once a file did not fit, or the scan budget ran out: the walk ends.
+            if self.out.truncated {
                 return Ok(());
             }
             // Names the host would refuse (not UTF-8, control characters, too long) are
@@ -343,7 +335,16 @@ impl Walk {
             };
             match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
                 SFlag::S_IFREG => {
-                    self.bytes += 2 * rel.len() + 64;
+                    // Worst JSON escaping of the path (only `"` and `\` are escaped: control
+                    // characters were refused) plus the entry's other fields.
+                    let cost = 2 * rel.len() + 64;
+                    if self.out.entries.len() >= self.max_entries
+                        || self.bytes + cost > MAX_LIST_BYTES
+                    {
+                        self.out.truncated = true;
+                        return Ok(());
+                    }
+                    self.bytes += cost;
                     self.out.entries.push(FileEntry {
                         path: rel,
                         size: st.st_size as u64,
@@ -529,6 +530,10 @@ mod tests {
         let l = list_files(r, "out", 1).unwrap();
         assert_eq!(l.entries.len(), 1);
         assert!(l.truncated);
+        // Exactly as many files as asked: not truncated, whatever else is there.
+        let l = list_files(r, "out", 2).unwrap();
+        assert_eq!(l.entries.len(), 2);
+        assert!(!l.truncated, "{l:?}");
         // The workspace itself, and refusals.
         let l = list_files(r, ".", 100).unwrap();
         assert!(l.entries.iter().any(|e| e.path == "out/b.txt"), "{l:?}");
