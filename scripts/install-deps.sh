@@ -9,7 +9,7 @@ packages=(
   docker-registry  # tests: a real OCI registry on 127.0.0.1
   docker.io        # tests: dockerd for the daemon source
   skopeo umoci     # benchmarks: pushing OCI layouts
-  tar gzip ca-certificates
+  tar gzip ca-certificates curl  # curl: the HTTP API VM test is a curl user
   python3 perl gcc libc6-dev  # guest agent tests run these languages on the host
   qemu-system-x86  # the microVM backend on hosts without Firecracker (TCG without KVM)
   binutils         # objcopy: strips the agent copied into the guest initramfs

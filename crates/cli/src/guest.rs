@@ -24,9 +24,14 @@ pub struct GuestArgs {
     /// Listen here instead: tcp://HOST:PORT, unix:/PATH, vsock:PORT, serial:NAME (repeatable).
     #[arg(long)]
     listen: Vec<String>,
-    /// Directory for code and files [default: the agent's built-in workspace].
+    /// Directory for code and files [default: /tmp/infra-workspace; in our VMs the initramfs
+    /// passes /workspace].
     #[arg(long)]
     workspace: Option<PathBuf>,
+    /// Who owns the workspace directory itself: the agent, or the user code runs as (a machine
+    /// that serves one run, so programs can write in it; the initramfs passes run-as).
+    #[arg(long, default_value = "agent", value_parser = ["agent", "run-as"])]
+    workspace_owner: String,
     /// File holding the token the host must send in hello; required to listen on a TCP address
     /// that is not loopback (surrounding whitespace is ignored).
     #[arg(long, value_name = "FILE")]
@@ -49,6 +54,7 @@ pub async fn run(a: GuestArgs) -> Result<()> {
     if let Some(w) = a.workspace {
         opts.workspace = w;
     }
+    opts.workspace_for_run_as = a.workspace_owner == "run-as";
     if let Some(f) = &a.token_file {
         let t = std::fs::read_to_string(f).with_context(|| {
             format!("cannot read the token file {} (--token-file)", f.display())

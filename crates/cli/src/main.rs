@@ -4,6 +4,7 @@
 mod api;
 mod guest;
 mod kernel;
+mod outputs;
 mod rootfs;
 mod run;
 mod setup;

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -117,6 +117,15 @@ impl VmArgs {
   infra.operator run -l go -f main.go --timeout 10 --json
   echo 3 | infra.operator run -l python -c 'print(int(input())*2)' --stdin
   infra.operator run -l python -c 'import os; print(os.environ[\"K\"])' --env K=V
+  infra.operator run -l python -f job.py --file-in data.csv --output-dir results
+
+Files: the program runs in /workspace. Each --file-in is copied there first (under NAME, or the
+file's own name). What the program writes under /workspace/output/ (relative: output/) comes
+back with --output-dir DIR, like `docker cp`: DIR is created if missing, files land under their
+names and replace files of the same name; a symlink in DIR is never followed (a name that goes
+through one is refused). At most 1000 files, 1 GiB each and 1 GiB in all come back; the rest are
+listed as skipped (--json: output_files_skipped). Outputs are collected after a timeout or a
+failing program too.
 
 The program's exit code is this command's exit code (124 on timeout). When the sandbox itself
 fails (no kernel, VM did not boot), the exit code is 125 and the reason is on stderr.")]
@@ -157,8 +166,35 @@ pub struct RunArgs {
     /// Print one JSON result instead of streaming the output.
     #[arg(long)]
     json: bool,
+    /// Copy a host file into the program's workspace, as NAME (a relative path; default: the
+    /// file's name). The last ':' separates NAME (repeatable).
+    #[arg(long, value_name = "HOST_PATH[:NAME]")]
+    file_in: Vec<String>,
+    /// Bring the files the program writes under output/ back into DIR (see below).
+    #[arg(long, value_name = "DIR")]
+    output_dir: Option<PathBuf>,
     #[command(flatten)]
     vm: VmArgs,
+}
+
+/// Parses `--file-in HOST_PATH[:NAME]`.
+fn parse_file_in(v: &str) -> Result<infra_runner::InputFile> {
+    let (path, name) = match v.rsplit_once(':') {
+        Some((p, n)) if !p.is_empty() && !n.is_empty() => (p, n.to_string()),
+        _ => {
+            let name = Path::new(v)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .with_context(|| {
+                    format!("--file-in {v}: cannot tell the name; use HOST_PATH:NAME")
+                })?;
+            (v, name.to_string())
+        }
+    };
+    Ok(infra_runner::InputFile {
+        name,
+        source: PathBuf::from(path),
+    })
 }
 
 /// `host` flags: the original system's names (`-l`, `-c`, `-t` default 10, `--mem`,
@@ -209,7 +245,19 @@ pub async fn run(a: RunArgs, paths: &Paths) -> Result<i32> {
         Some(t) => t.as_bytes().to_vec(),
     };
     let env = parse_env(&a.env)?;
+    let files = a
+        .file_in
+        .iter()
+        .map(|v| parse_file_in(v))
+        .collect::<Result<Vec<_>>>()?;
     let lang = prepare::language(&a.lang)?;
+    // Refuse bad names before anything is fetched, built or booted.
+    infra_runner::check_input_files(&lang.key, &files)?;
+    let out_dir = a
+        .output_dir
+        .as_deref()
+        .map(crate::outputs::OutputDir::prepare)
+        .transpose()?;
     let runner = a.vm.runner(paths)?;
     let (kernel, initramfs, rootfs) = a.vm.prepare(paths, &lang, &runner).await?;
     let spec = RunSpec {
@@ -225,6 +273,8 @@ pub async fn run(a: RunArgs, paths: &Paths) -> Result<i32> {
         max_pids: a.max_pids,
         rootfs,
         kernel,
+        files,
+        outputs: out_dir.as_ref().map(|o| o.limits()),
     };
     let stream = !a.json;
     let run = runner.run(&spec, &initramfs, |o| {
@@ -241,7 +291,10 @@ pub async fn run(a: RunArgs, paths: &Paths) -> Result<i32> {
             }
         }
     });
-    let outcome = until_interrupted(run).await??;
+    let mut outcome = until_interrupted(run).await??;
+    if let Some(o) = &out_dir {
+        o.place(&mut outcome.output_files)?;
+    }
     if a.json {
         println!("{}", serde_json::to_string(&outcome)?);
     } else {
@@ -262,6 +315,21 @@ fn report_status(o: &RunOutcome) {
     }
     if o.stdout_truncated || o.stderr_truncated {
         eprintln!("infra.operator: output was truncated at the --max-output cap");
+    }
+    for s in &o.output_files_skipped {
+        eprintln!(
+            "infra.operator: output file {:?} ({} bytes) not brought back: {}",
+            s.name,
+            s.bytes,
+            match s.reason {
+                infra_runner::SkipReason::TooManyFiles => "more than 1000 files",
+                infra_runner::SkipReason::FileTooLarge => "larger than 1 GiB",
+                infra_runner::SkipReason::TotalTooLarge => "over 1 GiB of output files in all",
+            }
+        );
+    }
+    if o.output_files_truncated {
+        eprintln!("infra.operator: output/ held more than 1001 files; the rest were not listed");
     }
 }
 
@@ -284,6 +352,8 @@ pub async fn host(a: HostArgs, paths: &Paths) -> Result<i32> {
         max_pids: infra_runner::DEFAULT_MAX_PIDS,
         rootfs,
         kernel,
+        files: Vec::new(),
+        outputs: None,
     };
     let outcome = until_interrupted(runner.run(&spec, &initramfs, |_| {})).await??;
     println!("=== Execution Result ===");

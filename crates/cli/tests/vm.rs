@@ -413,6 +413,14 @@ fn bad_requests_fail_before_booting() {
     let o = run(&["run", "-l", "python", "-c", "   "]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("empty"), "{}", text(&o.stderr));
+    for bad in [
+        "/etc/hostname:../x",
+        "/etc/hostname:/abs",
+        "/nonexistent/file",
+    ] {
+        let o = run(&["run", "-l", "python", "-c", "1", "--file-in", bad]);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", text(&o.stderr));
+    }
 }
 
 #[test]
@@ -632,5 +640,304 @@ fn untrusted_code_cannot_become_root_or_reach_the_agent() {
             checks.join("\n")
         );
     }
+    assert_clean();
+}
+
+/// Files in, files out: `--file-in` puts host files in /workspace (the program's working
+/// directory), and what the program writes under output/ (relative or as /workspace/output)
+/// comes back into `--output-dir` under its name, listed in the JSON result. The 3 MiB file
+/// crosses in several chunks both ways.
+#[test]
+fn input_files_go_in_and_output_files_come_back() {
+    let _g = vm_lock();
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data.txt");
+    std::fs::write(&data, "21\n").unwrap();
+    let blob: Vec<u8> = (0..3u32 << 20).map(|i| (i % 253) as u8).collect();
+    let blob_path = work.path().join("blob.bin");
+    std::fs::write(&blob_path, &blob).unwrap();
+    let out = work.path().join("OUT");
+    let code = "import os\n\
+                print(os.getcwd())\n\
+                n = int(open('data.txt').read())\n\
+                open('output/result.txt', 'w').write(str(2 * n))\n\
+                os.makedirs('/workspace/output/sub')\n\
+                open('/workspace/output/sub/b.bin', 'wb').write(open('in/blob.bin', 'rb').read())\n\
+                os.symlink('/etc/passwd', 'output/passwd')\n";
+    let o = run(&[
+        "run",
+        "--lang",
+        "python",
+        "-c",
+        code,
+        "--file-in",
+        &format!("{}:data.txt", data.display()),
+        "--file-in",
+        &format!("{}:in/blob.bin", blob_path.display()),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--accel",
+        "tcg",
+        "--json",
+    ]);
+    let v = json(&o);
+    assert!(o.status.success(), "{v}\n{}", text(&o.stderr));
+    assert_eq!(v["stdout"], "/workspace\n", "{v}");
+    assert_eq!(
+        v["output_files"],
+        serde_json::json!([
+            {"name": "result.txt", "bytes": 2, "mode": 0o644},
+            {"name": "sub/b.bin", "bytes": 3 << 20, "mode": 0o644},
+        ]),
+        "{v}"
+    );
+    assert_eq!(v["output_files_skipped"], serde_json::json!([]));
+    assert_eq!(v["output_files_truncated"], false);
+    assert_eq!(
+        std::fs::read_to_string(out.join("result.txt")).unwrap(),
+        "42"
+    );
+    assert!(std::fs::read(out.join("sub/b.bin")).unwrap() == blob);
+    // Only the two files (the symlink stayed in the guest), no staging directory left.
+    let mut left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["result.txt", "sub"]);
+    assert_clean();
+}
+
+/// The HTTP API server started by the real binary on a free loopback port.
+struct ApiServer {
+    child: std::process::Child,
+    base: String,
+}
+
+impl ApiServer {
+    fn start(extra: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut args = vec!["api", "--port", "0"];
+        args.extend_from_slice(extra);
+        let mut child = cli(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let base = loop {
+            let line = lines.next().expect("api printed its address").unwrap();
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, base }
+    }
+
+    /// curl: returns (status, body).
+    fn curl(&self, args: &[&str]) -> (u16, Vec<u8>) {
+        let o = Command::new("curl")
+            .args(["-sS", "-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "curl {args:?}: {}", text(&o.stderr));
+        let mut body = o.stdout;
+        let pos = body.iter().rposition(|b| *b == b'\n').unwrap();
+        let status = text(&body[pos + 1..]).trim().parse().unwrap();
+        body.truncate(pos);
+        (status, body)
+    }
+
+    fn post_json(&self, path: &str, v: &serde_json::Value) -> (u16, serde_json::Value) {
+        let url = format!("{}{path}", self.base);
+        let body = v.to_string();
+        let (s, b) = self.curl(&["-H", "content-type: application/json", "-d", &body, &url]);
+        (
+            s,
+            serde_json::from_slice(&b).unwrap_or_else(|e| panic!("{e}: {}", text(&b))),
+        )
+    }
+
+    fn stop(mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "api exits 0 on SIGTERM: {status}");
+    }
+}
+
+#[test]
+fn http_api_runs_code_with_files_in_and_out_and_streams() {
+    let _g = vm_lock();
+    let api = ApiServer::start(&[]);
+    // A file through the Files API, then a run that reads it and writes two outputs.
+    let data = std::env::temp_dir().join(format!("api-vm-{}.txt", std::process::id()));
+    std::fs::write(&data, "21\n").unwrap();
+    let (s, b) = api.curl(&[
+        "-F",
+        "purpose=assistants",
+        "-F",
+        &format!("file=@{};filename=numbers.txt", data.display()),
+        &format!("{}/v1/files", api.base),
+    ]);
+    std::fs::remove_file(&data).unwrap();
+    assert_eq!(s, 200, "{}", text(&b));
+    let file: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    let code = "import os\nn = int(open('numbers.txt').read())\nprint(n * 2)\nos.makedirs('/workspace/output/sub', exist_ok=True)\nopen('/workspace/output/result.txt', 'w').write(str(n * 3))\nopen('output/sub/b.bin', 'wb').write(bytes(range(256)))\n";
+    let (s, r) = api.post_json(
+        "/api/v1/execute",
+        &serde_json::json!({"language": "python", "code": code, "file_ids": [file["id"]]}),
+    );
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["status"], "success", "{r}");
+    assert_eq!(r["stdout"], "42\n");
+    let outs = r["output_files"].as_array().unwrap();
+    assert_eq!(outs.len(), 2, "{r}");
+    let find = |p: &str| {
+        outs.iter()
+            .find(|o| o["path"] == p)
+            .unwrap_or_else(|| panic!("{p} in {r}"))
+    };
+    let (s, body) = api.curl(&[&format!(
+        "{}/v1/files/{}/content",
+        api.base,
+        find("result.txt")["id"].as_str().unwrap()
+    )]);
+    assert_eq!((s, text(&body)), (200, "63".to_string()));
+    let (_, body) = api.curl(&[&format!(
+        "{}/v1/files/{}/content",
+        api.base,
+        find("sub/b.bin")["id"].as_str().unwrap()
+    )]);
+    assert_eq!(body, (0..=255u8).collect::<Vec<_>>());
+    let (_, listed) = api.curl(&[&format!("{}/v1/files?purpose=assistants_output", api.base)]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed).unwrap();
+    for o in outs {
+        assert!(
+            listed["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["id"] == o["id"]),
+            "{o} listed as assistants_output"
+        );
+    }
+
+    // The stream: output events as they happen, then the result.
+    let (s, body) = api.curl(&[
+        "-N",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"language":"python","code":"import sys\nprint('out')\nprint('err', file=sys.stderr)\nsys.exit(3)"}"#,
+        &format!("{}/api/v1/execute/stream", api.base),
+    ]);
+    assert_eq!(s, 200);
+    let sse = text(&body);
+    // Chunks may split anywhere: join each stream's events.
+    let joined = |name: &str| -> String {
+        let mut out = String::new();
+        let mut lines = sse.lines();
+        while let Some(l) = lines.next() {
+            if l == format!("event: {name}") {
+                let d = lines.next().unwrap().trim_start_matches("data: ");
+                let v: serde_json::Value = serde_json::from_str(d).unwrap();
+                out.push_str(v["data"].as_str().unwrap());
+            }
+        }
+        out
+    };
+    assert_eq!(joined("stdout"), "out\n", "{sse}");
+    assert_eq!(joined("stderr"), "err\n", "{sse}");
+    let exit_line = sse
+        .lines()
+        .skip_while(|l| *l != "event: exit")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no exit event: {sse}"));
+    let exit: serde_json::Value =
+        serde_json::from_str(exit_line.trim_start_matches("data: ")).unwrap();
+    assert_eq!(exit["exit_code"], 3);
+
+    // The original's batch form: one VM per input.
+    let (s, r) = api.post_json(
+        "/api/v1/run",
+        &serde_json::json!({"language": "python", "code": "print(int(input()) + 1)", "stdin": ["1", "41"]}),
+    );
+    assert_eq!(s, 200, "{r}");
+    let outs: Vec<&str> = r
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["stdout"].as_str().unwrap())
+        .collect();
+    assert_eq!(outs, ["2\n", "42\n"]);
+    assert_eq!(r[1]["stdin"], "41");
+
+    let (_, m) = api.curl(&[&format!("{}/metrics", api.base)]);
+    let m = text(&m);
+    assert!(
+        m.contains("infra_operator_runs_total{language=\"python\",status=\"success\"} 3"),
+        "{m}"
+    );
+    api.stop();
+    assert_clean();
+}
+
+#[test]
+fn http_api_answers_429_when_its_queue_is_full() {
+    let _g = vm_lock();
+    let cfg = std::env::temp_dir().join(format!("api-429-{}.yaml", std::process::id()));
+    std::fs::write(&cfg, "runs: {max_concurrent: 1, max_queue: 0}\n").unwrap();
+    let api = ApiServer::start(&["--config", cfg.to_str().unwrap()]);
+    let base = api.base.clone();
+    let slow = std::thread::spawn(move || {
+        Command::new("curl")
+            .args(["-sS", "-H", "content-type: application/json", "-d"])
+            .arg(r#"{"language":"python","code":"import time\ntime.sleep(4)\nprint('done')"}"#)
+            .arg(format!("{base}/api/v1/execute"))
+            .output()
+            .unwrap()
+    });
+    // Wait until the first run holds the slot.
+    let mut busy = None;
+    for _ in 0..600 {
+        let (_, h) = api.curl(&[&format!("{}/health", api.base)]);
+        let h: serde_json::Value = serde_json::from_slice(&h).unwrap();
+        if h["running"] == 1 {
+            busy = Some(());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(busy.is_some(), "the first run never started");
+    let (s, body) = api.curl(&[
+        "-D",
+        "-",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"language":"python","code":"print(1)"}"#,
+        &format!("{}/api/v1/execute", api.base),
+    ]);
+    let t = text(&body).to_lowercase();
+    assert_eq!(s, 429, "{t}");
+    assert!(t.contains("retry-after: "), "{t}");
+    assert!(t.contains("\"code\":\"rate_limit_exceeded\""), "{t}");
+    let first = slow.join().unwrap();
+    assert!(
+        text(&first.stdout).contains("\"stdout\":\"done\\n\""),
+        "{}",
+        text(&first.stdout)
+    );
+    api.stop();
+    std::fs::remove_file(&cfg).unwrap();
     assert_clean();
 }

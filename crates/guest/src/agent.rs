@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use infra_protocol::{
     read_message_async, write_message_async, ErrorCode, Exec, FrameError, Reply, Request,
-    RequestBody, MAX_FRAME, PROTOCOL_VERSION,
+    RequestBody, FEATURE_FILE_TRANSFER, MAX_FRAME, PROTOCOL_VERSION,
 };
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use crate::cgroup::Cgroups;
-use crate::error::AgentError;
+use crate::error::{AgentError, FileError};
 use crate::exec::{ExecHandle, Executor, EXEC_DIR};
 use crate::files;
 use crate::listen::{find_serial_port, open_serial, BoundAddr, Conn, ListenUri, VsockListener};
@@ -34,6 +34,12 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// (`nobody`/`nogroup`).
 pub const DEFAULT_RUN_AS: (u32, u32) = (65534, 65534);
 
+/// The workspace when none is given (outside VMs; the initramfs passes [`VM_WORKSPACE`]).
+pub const DEFAULT_WORKSPACE: &str = "/tmp/infra-workspace";
+
+/// The workspace in our VMs: programs find their input files and write `output/` there.
+pub const VM_WORKSPACE: &str = "/workspace";
+
 /// Largest file `get_file` returns: what fits in one frame after base64 and the envelope.
 pub const MAX_FILE_BYTES: u64 = (MAX_FRAME as u64 / 4) * 3 - 4096;
 
@@ -45,6 +51,11 @@ pub struct AgentOptions {
     pub listen: Vec<ListenUri>,
     /// Directory for exec working directories and `put_file`/`get_file`; created if missing.
     pub workspace: PathBuf,
+    /// Give the workspace directory itself to the run-as user, so programs run in it
+    /// (`exec.workdir = "."`) can create files there. For a machine that serves one run (the
+    /// VM, `guest --workspace-owner run-as`); its `.exec` directory stays the agent's. When
+    /// `false` the workspace is the agent's, mode 0755.
+    pub workspace_for_run_as: bool,
     /// uid/gid for untrusted code. `None`: [`DEFAULT_RUN_AS`] when the agent is root, the
     /// agent's own user otherwise.
     pub run_as: Option<(u32, u32)>,
@@ -63,7 +74,8 @@ impl Default for AgentOptions {
     fn default() -> Self {
         Self {
             listen: Vec::new(),
-            workspace: PathBuf::from("/tmp/infra-workspace"),
+            workspace: PathBuf::from(DEFAULT_WORKSPACE),
+            workspace_for_run_as: false,
             run_as: None,
             pid1: Pid1Mode::Auto,
             base_env: BTreeMap::new(),
@@ -141,7 +153,10 @@ impl Agent {
         let run_as = opts
             .run_as
             .or_else(|| nix::unistd::geteuid().is_root().then_some(DEFAULT_RUN_AS));
-        prepare_workspace(&opts.workspace)?;
+        prepare_workspace(
+            &opts.workspace,
+            run_as.filter(|_| opts.workspace_for_run_as),
+        )?;
         let reaper = Reaper::start(if pid1 {
             ReapMode::All
         } else {
@@ -295,13 +310,18 @@ impl Agent {
     }
 }
 
-fn prepare_workspace(ws: &std::path::Path) -> Result<(), AgentError> {
+/// Creates the workspace and its `.exec`; with `owner`, gives the workspace itself to that
+/// user.
+fn prepare_workspace(ws: &std::path::Path, owner: Option<(u32, u32)>) -> Result<(), AgentError> {
     use std::os::unix::fs::PermissionsExt;
     let err = |source| AgentError::Workspace {
         path: ws.to_path_buf(),
         source,
     };
     std::fs::create_dir_all(ws.join(EXEC_DIR)).map_err(err)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(ws, Some(uid), Some(gid)).map_err(err)?;
+    }
     // The untrusted user must reach its exec directory, but not list the others.
     std::fs::set_permissions(ws, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
     std::fs::set_permissions(ws.join(EXEC_DIR), std::fs::Permissions::from_mode(0o711))
@@ -533,6 +553,7 @@ async fn handle_conn(
                         version: PROTOCOL_VERSION,
                         agent_version: AGENT_VERSION.to_string(),
                         languages: shared.executor.languages().to_vec(),
+                        features: vec![FEATURE_FILE_TRANSFER.to_string()],
                     }
                 } else {
                     Reply::error(
@@ -562,41 +583,30 @@ async fn handle_conn(
                 RequestBody::Exec(exec) => {
                     start_exec(&shared, id, exec, &inflight, &reply_tx, &cancel_rx);
                 }
-                RequestBody::PutFile(p) => {
-                    let shared = Arc::clone(&shared);
-                    let reply_tx = reply_tx.clone();
-                    tokio::spawn(async move {
-                        let run_as = shared.run_as;
-                        let ws = shared.workspace.clone();
-                        let r = tokio::task::spawn_blocking(move || {
-                            files::put_file(&ws, &p.path, &p.data, p.mode, run_as)
-                        })
-                        .await;
-                        let reply = match r {
-                            Ok(Ok(())) => Reply::Ok { id },
-                            Ok(Err(e)) => Reply::error(Some(id), e.code(), e.to_string()),
-                            Err(e) => Reply::error(Some(id), ErrorCode::Internal, e.to_string()),
-                        };
-                        let _ = reply_tx.send(reply).await;
-                    });
-                }
-                RequestBody::GetFile(g) => {
-                    let shared = Arc::clone(&shared);
-                    let reply_tx = reply_tx.clone();
-                    tokio::spawn(async move {
-                        let ws = shared.workspace.clone();
-                        let r = tokio::task::spawn_blocking(move || {
-                            files::get_file(&ws, &g.path, MAX_FILE_BYTES)
-                        })
-                        .await;
-                        let reply = match r {
-                            Ok(Ok((data, mode))) => Reply::FileData { id, data, mode },
-                            Ok(Err(e)) => Reply::error(Some(id), e.code(), e.to_string()),
-                            Err(e) => Reply::error(Some(id), ErrorCode::Internal, e.to_string()),
-                        };
-                        let _ = reply_tx.send(reply).await;
-                    });
-                }
+                RequestBody::PutFile(p) => file_op(&shared, &reply_tx, id, move |ws, run_as| {
+                    files::put_file(ws, &p.path, &p.data, p.mode, run_as, p.append)
+                        .map(|()| Reply::Ok { id })
+                }),
+                RequestBody::GetFile(g) => file_op(&shared, &reply_tx, id, move |ws, _| {
+                    files::get_file(ws, &g.path, g.offset, g.length, MAX_FILE_BYTES).map(|r| {
+                        Reply::FileData {
+                            id,
+                            data: r.data,
+                            mode: r.mode,
+                            size: r.size,
+                        }
+                    })
+                }),
+                RequestBody::ListFiles(l) => file_op(&shared, &reply_tx, id, move |ws, _| {
+                    files::list_files(ws, &l.path, l.max_entries).map(|l| Reply::FileList {
+                        id,
+                        entries: l.entries,
+                        truncated: l.truncated,
+                    })
+                }),
+                RequestBody::MakeDir(m) => file_op(&shared, &reply_tx, id, move |ws, run_as| {
+                    files::make_dir(ws, &m.path, m.mode, run_as).map(|()| Reply::Ok { id })
+                }),
                 RequestBody::Signal(s) => {
                     let reply = signal_exec(&inflight, id, s.target, s.signal);
                     let _ = reply_tx.send(reply).await;
@@ -625,6 +635,26 @@ async fn handle_conn(
     }
     .instrument(span)
     .await;
+}
+
+/// Runs a workspace file operation off the async threads and sends its reply (or its error).
+fn file_op(
+    shared: &Arc<Shared>,
+    reply_tx: &mpsc::Sender<Reply>,
+    id: u64,
+    op: impl FnOnce(&std::path::Path, Option<(u32, u32)>) -> Result<Reply, FileError> + Send + 'static,
+) {
+    let shared = Arc::clone(shared);
+    let reply_tx = reply_tx.clone();
+    tokio::spawn(async move {
+        let r = tokio::task::spawn_blocking(move || op(&shared.workspace, shared.run_as)).await;
+        let reply = match r {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) => Reply::error(Some(id), e.code(), e.to_string()),
+            Err(e) => Reply::error(Some(id), ErrorCode::Internal, e.to_string()),
+        };
+        let _ = reply_tx.send(reply).await;
+    });
 }
 
 fn start_exec(
@@ -722,6 +752,7 @@ mod tests {
             id: 9,
             data: vec![0; MAX_FRAME],
             mode: 0o644,
+            size: MAX_FRAME as u64,
         };
         write_reply(&mut agent, &huge).await.unwrap();
         write_reply(&mut agent, &Reply::Ok { id: 10 })

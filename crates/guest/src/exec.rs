@@ -380,7 +380,7 @@ impl Executor {
     ) -> Result<(PathBuf, bool), ExecError> {
         let (dir_fd, path, fresh) = match &req.workdir {
             Some(rel) => {
-                let comps = files::components(rel)?;
+                let comps = files::dir_components(rel)?;
                 let fd = files::open_dir(&self.workspace, rel, &comps, None)?;
                 let path = comps.iter().fold(self.workspace.clone(), |p, c| p.join(c));
                 (fd, path, false)
@@ -418,6 +418,7 @@ impl Executor {
             0o644,
             self.run_as,
             &lang.file,
+            false,
         );
         if let Err(e) = write {
             if fresh {

@@ -172,13 +172,22 @@ fn stage() -> Result<Never, String> {
             let p = CString::new(init.as_str()).map_err(|_| "bad infra.init")?;
             (p.clone(), vec![p])
         }
-        None => (
-            CString::new(AGENT_IN_IMAGE).unwrap(),
-            vec![
+        None => {
+            let mut args = vec![
                 CString::new("infra.operator").unwrap(),
                 CString::new("guest").unwrap(),
-            ],
-        ),
+            ];
+            // The run's files live in /workspace, which belongs to the run-as user (this
+            // machine serves one run). It is created on the writable overlay; without one it
+            // must already be in the image, else the agent keeps its default under /tmp.
+            if overlaid || Path::new(crate::VM_WORKSPACE).is_dir() {
+                args.push(CString::new("--workspace").unwrap());
+                args.push(CString::new(crate::VM_WORKSPACE).unwrap());
+            }
+            args.push(CString::new("--workspace-owner").unwrap());
+            args.push(CString::new("run-as").unwrap());
+            (CString::new(AGENT_IN_IMAGE).unwrap(), args)
+        }
     };
     let mut env: Vec<CString> = vec![
         CString::new("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin").unwrap(),

@@ -27,7 +27,7 @@ mod reaper;
 
 pub use agent::{
     run_agent, Agent, AgentOptions, ShutdownHandle, ShutdownKind, AGENT_VERSION, DEFAULT_RUN_AS,
-    MAX_FILE_BYTES,
+    DEFAULT_WORKSPACE, MAX_FILE_BYTES, VM_WORKSPACE,
 };
 pub use error::{AgentError, ExecError, FileError, ListenParseError};
 pub use listen::{find_serial_port, parse_listen, BoundAddr, ListenUri};

@@ -12,16 +12,22 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 struct Harness {
-    _ws: tempfile::TempDir,
+    ws: tempfile::TempDir,
     addr: std::net::SocketAddr,
     languages: Vec<String>,
 }
 
 async fn start() -> Harness {
+    start_with(false).await
+}
+
+/// An agent whose workspace belongs to the run-as user when `for_run_as` (as in a VM).
+async fn start_with(for_run_as: bool) -> Harness {
     let ws = tempfile::tempdir().unwrap();
     let opts = AgentOptions {
         listen: vec![parse_listen("tcp://127.0.0.1:0").unwrap()],
         workspace: ws.path().to_path_buf(),
+        workspace_for_run_as: for_run_as,
         pid1: Pid1Mode::Off,
         ..AgentOptions::default()
     };
@@ -30,7 +36,7 @@ async fn start() -> Harness {
     let languages = agent.languages().to_vec();
     tokio::spawn(agent.serve());
     Harness {
-        _ws: ws,
+        ws,
         addr,
         languages,
     }
@@ -80,6 +86,14 @@ impl Client {
             .await
             .unwrap()
             .expect("agent closed the connection")
+    }
+
+    /// Sends one request and returns its (single) reply, checking the id.
+    async fn request(&mut self, body: RequestBody) -> Reply {
+        let id = self.send(body).await;
+        let r = self.recv().await;
+        assert_eq!(r.id(), Some(id), "{r:?}");
+        r
     }
 
     /// Runs an exec and collects its output until `exit`.
@@ -505,12 +519,15 @@ async fn put_and_get_files_stay_in_the_workspace() {
             path: "proj/input.bin".into(),
             data: data.clone(),
             mode: 0o600,
+            append: false,
         }))
         .await;
     assert_eq!(c.recv().await, Reply::Ok { id });
     let id = c
         .send(RequestBody::GetFile(GetFile {
             path: "proj/input.bin".into(),
+            offset: 0,
+            length: None,
         }))
         .await;
     assert_eq!(
@@ -518,7 +535,8 @@ async fn put_and_get_files_stay_in_the_workspace() {
         Reply::FileData {
             id,
             data: data.clone(),
-            mode: 0o600
+            mode: 0o600,
+            size: 10_000,
         }
     );
     // An exec in that directory sees the file and can leave results.
@@ -532,6 +550,8 @@ async fn put_and_get_files_stay_in_the_workspace() {
     let id = c
         .send(RequestBody::GetFile(GetFile {
             path: "proj/out.txt".into(),
+            offset: 0,
+            length: None,
         }))
         .await;
     match c.recv().await {
@@ -553,7 +573,11 @@ async fn put_and_get_files_stay_in_the_workspace() {
         "proj/f",
     ] {
         let id = c
-            .send(RequestBody::GetFile(GetFile { path: path.into() }))
+            .send(RequestBody::GetFile(GetFile {
+                path: path.into(),
+                offset: 0,
+                length: None,
+            }))
             .await;
         match c.recv().await {
             Reply::Error {
@@ -569,6 +593,7 @@ async fn put_and_get_files_stay_in_the_workspace() {
                 path: path.into(),
                 data: b"pwned".to_vec(),
                 mode: 0o644,
+                append: false,
             }))
             .await;
         assert!(
@@ -579,6 +604,8 @@ async fn put_and_get_files_stay_in_the_workspace() {
     let id = c
         .send(RequestBody::GetFile(GetFile {
             path: "proj/missing".into(),
+            offset: 0,
+            length: None,
         }))
         .await;
     assert!(matches!(
@@ -611,7 +638,7 @@ async fn shutdown_request_stops_serve() {
     let h = Harness {
         addr: agent.tcp_addr().unwrap(),
         languages: Vec::new(),
-        _ws: ws,
+        ws,
     };
     let serving = tokio::spawn(agent.serve());
     let mut c = Client::connect(&h).await;
@@ -745,4 +772,221 @@ async fn programs_run_with_no_new_privs() {
         ))
         .await;
     assert_eq!(out.stdout(), "1\n", "{out:?}");
+}
+
+/// The error code of an error reply, else a panic.
+fn error_code(r: &Reply) -> ErrorCode {
+    match r {
+        Reply::Error { code, .. } => *code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn hello_announces_file_transfer() {
+    let h = start().await;
+    let mut c = Client::connect(&h).await;
+    match c
+        .request(RequestBody::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            client: "test".into(),
+            token: None,
+        }))
+        .await
+    {
+        Reply::HelloReply { features, .. } => {
+            assert!(features.contains(&FEATURE_FILE_TRANSFER.to_string()))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A 5 MiB file, more than one frame holds, goes in as 2 MiB appended chunks and comes back
+/// in 2 MiB ranges, byte for byte; each range reports the whole size.
+#[tokio::test]
+async fn a_5_mib_file_round_trips_in_chunks() {
+    const CHUNK: usize = 2 << 20;
+    let h = start().await;
+    let mut c = Client::connect(&h).await;
+    let data: Vec<u8> = (0..5u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    for (i, chunk) in data.chunks(CHUNK).enumerate() {
+        let r = c
+            .request(RequestBody::PutFile(PutFile {
+                path: "in/big.bin".into(),
+                data: chunk.to_vec(),
+                mode: 0o640,
+                append: i > 0,
+            }))
+            .await;
+        assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
+    }
+    assert_eq!(
+        std::fs::metadata(h.ws.path().join("in/big.bin"))
+            .unwrap()
+            .len(),
+        5 << 20
+    );
+    let mut back = Vec::new();
+    while back.len() < data.len() {
+        match c
+            .request(RequestBody::GetFile(GetFile {
+                path: "in/big.bin".into(),
+                offset: back.len() as u64,
+                length: Some(CHUNK as u64),
+            }))
+            .await
+        {
+            Reply::FileData {
+                data: d,
+                mode,
+                size,
+                ..
+            } => {
+                assert_eq!((mode, size), (0o640, 5 << 20));
+                assert_eq!(d.len(), CHUNK.min(data.len() - back.len()));
+                back.extend(d);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(back == data, "the file came back changed");
+    // The whole file in one reply does not fit a frame: refused, as before.
+    let r = c
+        .request(RequestBody::GetFile(GetFile {
+            path: "in/big.bin".into(),
+            offset: 0,
+            length: None,
+        }))
+        .await;
+    assert_eq!(error_code(&r), ErrorCode::TooLarge);
+}
+
+/// What a program leaves in `output/` is listed without following its symlink to `/` and
+/// without its fifo; only its regular files appear, by relative path.
+#[tokio::test]
+async fn list_files_skips_symlinks_and_fifos() {
+    let h = start().await;
+    let mut c = Client::connect(&h).await;
+    let r = c
+        .request(RequestBody::MakeDir(MakeDir {
+            path: "output".into(),
+            mode: 0o755,
+        }))
+        .await;
+    assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
+    let mut e = exec(
+        "bash",
+        "mkdir -p output/sub && printf hello > output/result.txt && printf 12345 > output/sub/b.bin \
+         && ln -s / output/root && ln -s /etc/passwd output/passwd && mkfifo output/fifo",
+    );
+    e.workdir = Some(".".into());
+    let out = c.exec(e).await;
+    assert_eq!(out.exit().status, ExecStatus::Success, "{out:?}");
+    match c
+        .request(RequestBody::ListFiles(ListFiles {
+            path: "output".into(),
+            max_entries: 100,
+        }))
+        .await
+    {
+        Reply::FileList {
+            entries, truncated, ..
+        } => {
+            assert!(!truncated);
+            let got: Vec<(&str, u64)> = entries.iter().map(|e| (e.path.as_str(), e.size)).collect();
+            assert_eq!(got, [("result.txt", 5), ("sub/b.bin", 5)]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The listing itself may not start at a symlink or outside the workspace.
+    for (path, code) in [
+        ("output/root", ErrorCode::PathRefused),
+        ("../", ErrorCode::PathRefused),
+        ("/", ErrorCode::PathRefused),
+        ("missing", ErrorCode::NotFound),
+    ] {
+        let r = c
+            .request(RequestBody::ListFiles(ListFiles {
+                path: path.into(),
+                max_entries: 100,
+            }))
+            .await;
+        assert_eq!(error_code(&r), code, "{path}");
+    }
+}
+
+/// `make_dir` creates parents for the run-as user, and refuses to leave the workspace.
+#[tokio::test]
+async fn make_dir_refuses_escapes() {
+    let h = start().await;
+    let mut c = Client::connect(&h).await;
+    let outside = tempfile::tempdir().unwrap();
+    let name = outside.path().file_name().unwrap().to_str().unwrap();
+    for path in [
+        "..".to_string(),
+        format!("../{name}/x"),
+        format!("a/../../{name}/x"),
+        format!("{}/x", outside.path().display()),
+    ] {
+        let r = c
+            .request(RequestBody::MakeDir(MakeDir {
+                path: path.clone(),
+                mode: 0o755,
+            }))
+            .await;
+        assert_eq!(error_code(&r), ErrorCode::PathRefused, "{path}");
+    }
+    assert!(!outside.path().join("x").exists());
+    let r = c
+        .request(RequestBody::MakeDir(MakeDir {
+            path: "a/b".into(),
+            mode: 0o700,
+        }))
+        .await;
+    assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
+    let m = std::fs::metadata(h.ws.path().join("a/b")).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&m), 65534);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777,
+        0o700
+    );
+}
+
+/// `workdir: "."` runs in the workspace itself: the program sees the files put there, and,
+/// with the workspace given to the run-as user, writes next to them.
+#[tokio::test]
+async fn workdir_dot_runs_in_the_workspace_root() {
+    let h = start_with(true).await;
+    let mut c = Client::connect(&h).await;
+    let r = c
+        .request(RequestBody::PutFile(PutFile {
+            path: "data.txt".into(),
+            data: b"21".to_vec(),
+            mode: 0o644,
+            append: false,
+        }))
+        .await;
+    assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
+    let mut e = exec(
+        "python",
+        "import os\nprint(os.getcwd())\nopen('doubled.txt','w').write(str(2*int(open('data.txt').read())))\n",
+    );
+    e.workdir = Some(".".into());
+    let out = c.exec(e).await;
+    assert_eq!(out.exit().status, ExecStatus::Success, "{out:?}");
+    let ws = std::fs::canonicalize(h.ws.path()).unwrap();
+    assert_eq!(out.stdout().trim(), ws.to_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(ws.join("doubled.txt")).unwrap(),
+        "42"
+    );
+    // Still only "." means the root: an empty workdir is refused.
+    let mut e = exec("bash", "pwd");
+    e.workdir = Some(String::new());
+    let id = c.send(RequestBody::Exec(e)).await;
+    let r = c.recv().await;
+    assert_eq!(r.id(), Some(id));
+    assert_eq!(error_code(&r), ErrorCode::PathRefused);
 }

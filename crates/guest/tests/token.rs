@@ -39,6 +39,8 @@ async fn hello(port: u16, token: Option<&str>) -> (Reply, bool) {
         id: 2,
         body: RequestBody::GetFile(GetFile {
             path: "missing".into(),
+            offset: 0,
+            length: None,
         }),
     };
     let _ = write_message_async(&mut s, &next).await;

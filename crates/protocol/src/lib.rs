@@ -15,12 +15,14 @@
 mod b64;
 pub mod frame;
 mod messages;
+mod paths;
 
 pub use frame::{
     read_frame, read_frame_async, read_frame_async_strict, read_message, read_message_async,
     read_message_async_strict, write_message, write_message_async, FrameError,
 };
 pub use messages::*;
+pub use paths::{check_relative_path, PathProblem, MAX_PATH_BYTES, MAX_PATH_COMPONENT};
 
 /// The protocol generation. Bump it on any change an older peer could misread.
 pub const PROTOCOL_VERSION: u32 = 1;

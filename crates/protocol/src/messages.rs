@@ -7,6 +7,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::TIMEOUT_EXIT_CODE;
 
+/// Feature named in `hello_reply.features` by agents that handle chunked files
+/// (`put_file.append`, `get_file.offset`/`length` with `file_data.size`), `list_files`,
+/// `make_dir`, and `exec.workdir = "."` (the workspace itself). A host must not send those to
+/// an agent without it: an older agent would truncate instead of append, and answer
+/// `unknown_type` or `path_refused` to the rest.
+pub const FEATURE_FILE_TRANSFER: &str = "file_transfer";
+
+/// Directories deeper than this below the listed one are not entered by [`ListFiles`].
+pub const MAX_LIST_DEPTH: usize = 16;
+
 /// Default wall-clock limit for an [`Exec`] when the request leaves it out, in milliseconds.
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
 
@@ -34,8 +44,12 @@ pub enum RequestBody {
     Exec(Exec),
     /// Write a file under the agent's workspace.
     PutFile(PutFile),
-    /// Read a file under the agent's workspace.
+    /// Read a file (or a part of it) under the agent's workspace.
     GetFile(GetFile),
+    /// List the regular files beneath a directory of the workspace.
+    ListFiles(ListFiles),
+    /// Create a directory (and its parents) under the workspace.
+    MakeDir(MakeDir),
     /// Send a signal to a running exec's process group.
     Signal(Signal),
     /// Stop the agent (and, in PID-1 mode, the machine).
@@ -86,8 +100,9 @@ pub struct Exec {
     /// Process/thread limit (cgroup `pids.max`, else `RLIMIT_NPROC`); `None` for no limit.
     #[serde(default)]
     pub max_pids: Option<u32>,
-    /// Directory relative to the workspace to build and run in, kept afterwards. `None` means
-    /// a fresh directory that is removed when the exec ends.
+    /// Directory relative to the workspace to build and run in, kept afterwards; `"."` is the
+    /// workspace itself (agents with [`FEATURE_FILE_TRANSFER`]). `None` means a fresh
+    /// directory that is removed when the exec ends.
     #[serde(default)]
     pub workdir: Option<String>,
 }
@@ -119,27 +134,79 @@ impl Exec {
 }
 
 /// Write a file under the workspace (parent directories are created).
+///
+/// A file larger than one frame is sent in chunks: the first with `append: false` (create or
+/// truncate), the rest with `append: true`. Only agents that announce
+/// [`FEATURE_FILE_TRANSFER`] honour `append`; an older one would truncate instead.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutFile {
     /// Path relative to the workspace; absolute paths, `..` and symlinks are refused.
     pub path: String,
-    /// File contents.
+    /// File contents (this chunk).
     #[serde(with = "crate::b64")]
     pub data: Vec<u8>,
     /// Permission bits, e.g. `0o644` (420).
     #[serde(default = "default_mode")]
     pub mode: u32,
+    /// Append `data` to the file instead of creating or truncating it.
+    #[serde(default)]
+    pub append: bool,
 }
 
 fn default_mode() -> u32 {
     0o644
 }
 
-/// Read a file under the workspace.
+fn default_dir_mode() -> u32 {
+    0o755
+}
+
+/// Read a file under the workspace, whole or a byte range of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GetFile {
     /// Path relative to the workspace; absolute paths, `..` and symlinks are refused.
     pub path: String,
+    /// First byte to return.
+    #[serde(default)]
+    pub offset: u64,
+    /// Most bytes to return (the agent returns fewer only at the end of the file). `None`: up
+    /// to the end, refused with `too_large` when that does not fit in one frame.
+    #[serde(default)]
+    pub length: Option<u64>,
+}
+
+/// List the regular files beneath a directory, recursively. Symlinks are never followed
+/// (nor listed), nor are devices, fifos or sockets; directories deeper than
+/// [`MAX_LIST_DEPTH`] below `path` are not entered; names that fail
+/// [`check_relative_path`](crate::check_relative_path) are left out. Reply: [`Reply::FileList`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListFiles {
+    /// Directory relative to the workspace (`.` for the workspace itself).
+    pub path: String,
+    /// Most entries to return; when there are more, the reply says `truncated`.
+    pub max_entries: u64,
+}
+
+/// Create a directory under the workspace, with its missing parents, for the user code runs
+/// as (`mkdir -p`). An existing directory is fine. Reply: [`Reply::Ok`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MakeDir {
+    /// Path relative to the workspace; absolute paths, `..` and symlinks are refused.
+    pub path: String,
+    /// Permission bits of the directories created.
+    #[serde(default = "default_dir_mode")]
+    pub mode: u32,
+}
+
+/// One regular file in a [`Reply::FileList`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Path relative to the listed directory, `/`-separated; passes [`check_relative_path`](crate::check_relative_path).
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
 }
 
 /// Send a signal to the process group of a running exec on the same connection.
@@ -178,6 +245,10 @@ pub enum Reply {
         agent_version: String,
         /// Language keys whose commands are found on this machine's `PATH`.
         languages: Vec<String>,
+        /// Optional abilities beyond the base protocol ([`FEATURE_FILE_TRANSFER`]); empty
+        /// from agents that predate the field.
+        #[serde(default)]
+        features: Vec<String>,
     },
     /// A chunk of an exec's standard output, as it arrived.
     Stdout {
@@ -201,13 +272,26 @@ pub enum Reply {
     FileData {
         /// Request id.
         id: u64,
-        /// File contents.
+        /// File contents (the requested range).
         #[serde(with = "crate::b64")]
         data: Vec<u8>,
         /// Permission bits.
         mode: u32,
+        /// The file's whole size in bytes (0 from agents without [`FEATURE_FILE_TRANSFER`]).
+        #[serde(default)]
+        size: u64,
     },
-    /// Success with nothing to return ([`PutFile`], [`Signal`], [`Shutdown`]).
+    /// Answer to [`ListFiles`].
+    FileList {
+        /// Request id.
+        id: u64,
+        /// The regular files found, at most `max_entries`, in path order.
+        entries: Vec<FileEntry>,
+        /// More files were there than listed (`max_entries` reached, or the listing would not
+        /// fit in a frame).
+        truncated: bool,
+    },
+    /// Success with nothing to return ([`PutFile`], [`MakeDir`], [`Signal`], [`Shutdown`]).
     Ok {
         /// Request id.
         id: u64,
@@ -231,6 +315,7 @@ impl Reply {
             | Reply::Stdout { id, .. }
             | Reply::Stderr { id, .. }
             | Reply::FileData { id, .. }
+            | Reply::FileList { id, .. }
             | Reply::Ok { id } => Some(*id),
             Reply::Exit(e) => Some(e.id),
             Reply::Error { id, .. } => *id,
@@ -433,7 +518,14 @@ pub trait Message: Serialize + DeserializeOwned {
 
 impl Message for Request {
     const TYPES: &'static [&'static str] = &[
-        "hello", "exec", "put_file", "get_file", "signal", "shutdown",
+        "hello",
+        "exec",
+        "put_file",
+        "get_file",
+        "list_files",
+        "make_dir",
+        "signal",
+        "shutdown",
     ];
 }
 
@@ -444,6 +536,7 @@ impl Message for Reply {
         "stderr",
         "exit",
         "file_data",
+        "file_list",
         "ok",
         "error",
     ];
@@ -500,6 +593,43 @@ impl DecodeError {
             DecodeError::Json(_) | DecodeError::NotObject => ErrorCode::BadFrame,
             DecodeError::MissingType { .. } | DecodeError::Invalid { .. } => ErrorCode::BadRequest,
             DecodeError::UnknownType { .. } => ErrorCode::UnknownType,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Messages as peers from before the file-transfer fields send them still decode, with
+    /// the new fields at their defaults.
+    #[test]
+    fn messages_without_the_file_transfer_fields_decode_with_defaults() {
+        let put = br#"{"id":3,"type":"put_file","path":"a","data":"AAE=","mode":420}"#;
+        match Request::decode(put).unwrap().body {
+            RequestBody::PutFile(p) => assert!(!p.append),
+            other => panic!("{other:?}"),
+        }
+        let get = br#"{"id":4,"type":"get_file","path":"a"}"#;
+        match Request::decode(get).unwrap().body {
+            RequestBody::GetFile(g) => assert_eq!((g.offset, g.length), (0, None)),
+            other => panic!("{other:?}"),
+        }
+        let data = br#"{"id":4,"type":"file_data","data":"AAE=","mode":420}"#;
+        assert!(matches!(
+            Reply::decode(data).unwrap(),
+            Reply::FileData { size: 0, .. }
+        ));
+        let hello =
+            br#"{"id":1,"type":"hello_reply","version":1,"agent_version":"0.1.0","languages":[]}"#;
+        match Reply::decode(hello).unwrap() {
+            Reply::HelloReply { features, .. } => assert!(features.is_empty()),
+            other => panic!("{other:?}"),
+        }
+        let mkdir = br#"{"id":5,"type":"make_dir","path":"output"}"#;
+        match Request::decode(mkdir).unwrap().body {
+            RequestBody::MakeDir(m) => assert_eq!(m.mode, 0o755),
+            other => panic!("{other:?}"),
         }
     }
 }

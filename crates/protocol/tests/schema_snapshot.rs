@@ -34,12 +34,15 @@ fn examples() -> Vec<(&'static str, serde_json::Value)> {
                 path: "project/data.bin".into(),
                 data: vec![0, 1, 2, 255],
                 mode: 0o644,
+                append: false,
             }),
         ),
         (
             "request.get_file",
             RequestBody::GetFile(GetFile {
                 path: "project/out.txt".into(),
+                offset: 0,
+                length: None,
             }),
         ),
         (
@@ -62,6 +65,37 @@ fn examples() -> Vec<(&'static str, serde_json::Value)> {
                 token: Some("3f7c9a1e5b2d4c6f8a0b1c2d3e4f5a6b".into()),
             }),
         ),
+        (
+            "request.put_file_append",
+            RequestBody::PutFile(PutFile {
+                path: "input/big.bin".into(),
+                data: vec![3, 4, 5],
+                mode: 0o644,
+                append: true,
+            }),
+        ),
+        (
+            "request.get_file_range",
+            RequestBody::GetFile(GetFile {
+                path: "output/result.bin".into(),
+                offset: 2_097_152,
+                length: Some(2_097_152),
+            }),
+        ),
+        (
+            "request.list_files",
+            RequestBody::ListFiles(ListFiles {
+                path: "output".into(),
+                max_entries: 101,
+            }),
+        ),
+        (
+            "request.make_dir",
+            RequestBody::MakeDir(MakeDir {
+                path: "output".into(),
+                mode: 0o755,
+            }),
+        ),
     ];
     let replies = [
         (
@@ -71,6 +105,7 @@ fn examples() -> Vec<(&'static str, serde_json::Value)> {
                 version: PROTOCOL_VERSION,
                 agent_version: "0.1.0".into(),
                 languages: vec!["bash".into(), "python".into()],
+                features: vec![FEATURE_FILE_TRANSFER.into()],
             },
         ),
         (
@@ -123,6 +158,26 @@ fn examples() -> Vec<(&'static str, serde_json::Value)> {
                 id: 4,
                 data: b"result".to_vec(),
                 mode: 0o644,
+                size: 6,
+            },
+        ),
+        (
+            "reply.file_list",
+            Reply::FileList {
+                id: 7,
+                entries: vec![
+                    FileEntry {
+                        path: "result.txt".into(),
+                        size: 6,
+                        mode: 0o644,
+                    },
+                    FileEntry {
+                        path: "sub/b.bin".into(),
+                        size: 5_242_880,
+                        mode: 0o600,
+                    },
+                ],
+                truncated: false,
             },
         ),
         ("reply.ok", Reply::Ok { id: 5 }),

@@ -12,11 +12,14 @@
 //! (VmHWM) of the whole test process, the stand-in's own buffers included, was 23.7 MiB
 //! (2.7 MiB before); with 64-128 KiB frames alone it was 4.2 MiB.
 
+use std::collections::HashSet;
+
 use infra_protocol::{
-    read_message_async_strict, write_message_async, Exec, Exit, Hello, Reply, Request, RequestBody,
-    Shutdown, MAX_COMPILE_OUTPUT, PROTOCOL_VERSION, TRUNCATION_MARKER,
+    check_relative_path, read_message_async_strict, write_message_async, Exec, Exit, FileEntry,
+    GetFile, Hello, ListFiles, MakeDir, PutFile, Reply, Request, RequestBody, Shutdown,
+    FEATURE_FILE_TRANSFER, MAX_COMPILE_OUTPUT, PROTOCOL_VERSION, TRUNCATION_MARKER,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use crate::error::{RunError, Violation};
 
@@ -33,6 +36,77 @@ pub const OUTPUT_SLACK_BYTES: u64 = TRUNCATION_MARKER.len() as u64 + 4096;
 /// Largest signal number a Linux program can be killed by (`SIGRTMAX`).
 const MAX_SIGNAL: i32 = 64;
 
+/// Largest piece of a file sent in one `put_file` or asked for in one `get_file`: 2 MiB,
+/// which fits a frame after base64 with room to spare.
+pub const FILE_CHUNK_BYTES: u64 = 2 << 20;
+
+/// A directory listing from the agent, checked: every path is a plain relative path
+/// ([`infra_protocol::check_relative_path`]), none twice, none both a file and a directory,
+/// at most the number asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileListing {
+    /// The regular files, in path order.
+    pub entries: Vec<FileEntry>,
+    /// The agent had more to list than it sent.
+    pub truncated: bool,
+}
+
+/// What [`AgentClient::get_file_chunked`] copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileMeta {
+    /// Bytes written (the file's size).
+    pub size: u64,
+    /// Permission bits the agent reported.
+    pub mode: u32,
+}
+
+/// An untrusted value for messages: quoted, control characters escaped, cut at 80 characters.
+fn quote(value: &str) -> String {
+    let cut: String = value.chars().take(80).collect();
+    let more = if cut.len() < value.len() { "..." } else { "" };
+    format!("\"{}\"{more}", cut.escape_debug())
+}
+
+/// Checks a listing: entry count, each path safe, no duplicates, no path both a file and the
+/// parent of another. Sorts it by path.
+fn check_listing(
+    mut entries: Vec<FileEntry>,
+    truncated: bool,
+    max_entries: u64,
+) -> Result<FileListing, Violation> {
+    if entries.len() as u64 > max_entries {
+        return Err(Violation::TooManyEntries {
+            got: entries.len(),
+            max: max_entries,
+        });
+    }
+    for e in &entries {
+        check_relative_path(&e.path).map_err(|problem| Violation::UnsafePath {
+            path: quote(&e.path),
+            problem,
+        })?;
+    }
+    let files: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+    if files.len() != entries.len() {
+        let mut seen = HashSet::new();
+        let dup = entries.iter().find(|e| !seen.insert(e.path.as_str()));
+        return Err(Violation::PathConflict {
+            path: quote(dup.map_or("", |e| e.path.as_str())),
+        });
+    }
+    for e in &entries {
+        let mut parent = e.path.as_str();
+        while let Some((p, _)) = parent.rsplit_once('/') {
+            if files.contains(p) {
+                return Err(Violation::PathConflict { path: quote(p) });
+            }
+            parent = p;
+        }
+    }
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(FileListing { entries, truncated })
+}
+
 /// What the agent said about itself.
 #[derive(Debug, Clone)]
 pub struct AgentInfo {
@@ -40,6 +114,9 @@ pub struct AgentInfo {
     pub agent_version: String,
     /// Languages whose toolchain is present in the image.
     pub languages: Vec<String>,
+    /// Optional protocol features the agent announced (e.g.
+    /// [`infra_protocol::FEATURE_FILE_TRANSFER`]).
+    pub features: Vec<String>,
 }
 
 /// Output of a running program, as it arrives.
@@ -57,6 +134,8 @@ pub struct AgentClient<S> {
     writer: WriteHalf<S>,
     next_id: u64,
     token: Option<String>,
+    /// From `hello`: the agent's version and features.
+    agent: Option<(String, Vec<String>)>,
 }
 
 /// The short name of a reply type, for errors.
@@ -67,6 +146,7 @@ fn reply_kind(r: &Reply) -> &'static str {
         Reply::Stderr { .. } => "stderr",
         Reply::Exit(_) => "exit",
         Reply::FileData { .. } => "file_data",
+        Reply::FileList { .. } => "file_list",
         Reply::Ok { .. } => "ok",
         Reply::Error { .. } => "error",
     }
@@ -157,6 +237,7 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
             writer,
             next_id: 1,
             token: None,
+            agent: None,
         }
     }
 
@@ -199,6 +280,7 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
                 version,
                 agent_version,
                 languages,
+                features,
             } if rid == id => {
                 if version != PROTOCOL_VERSION {
                     return Err(RunError::VersionMismatch {
@@ -207,9 +289,11 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
                         agent_version,
                     });
                 }
+                self.agent = Some((agent_version.clone(), features.clone()));
                 Ok(AgentInfo {
                     agent_version,
                     languages,
+                    features,
                 })
             }
             Reply::Error { code, message, .. } => {
@@ -280,6 +364,235 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
         }
     }
 
+    /// Whether the agent announced `feature` in its `hello_reply`.
+    pub fn supports(&self, feature: &str) -> bool {
+        self.agent
+            .as_ref()
+            .is_some_and(|(_, f)| f.iter().any(|x| x == feature))
+    }
+
+    fn require(&self, feature: &'static str) -> Result<(), RunError> {
+        if self.supports(feature) {
+            return Ok(());
+        }
+        Err(RunError::AgentTooOld {
+            agent_version: self
+                .agent
+                .as_ref()
+                .map_or_else(|| "unknown: no hello yet".into(), |(v, _)| v.clone()),
+            feature,
+        })
+    }
+
+    /// Waits for the one reply to request `id`. An `error` becomes [`RunError::Refused`];
+    /// replies for other ids are skipped, at most [`MAX_STRAY_FRAMES`] of them.
+    async fn reply_to(&mut self, id: u64) -> Result<Reply, RunError> {
+        let mut stray = 0u64;
+        loop {
+            let r = self.recv().await?;
+            match r {
+                Reply::Error {
+                    id: rid,
+                    code,
+                    message,
+                } if rid.is_none_or(|r| r == id) => {
+                    return Err(RunError::Refused {
+                        code: code.as_str().to_string(),
+                        message,
+                    })
+                }
+                r if r.id() == Some(id) => return Ok(r),
+                other => {
+                    stray += 1;
+                    if stray > MAX_STRAY_FRAMES {
+                        return Err(Violation::TooManyFrames {
+                            limit: MAX_STRAY_FRAMES,
+                        }
+                        .into());
+                    }
+                    tracing::debug!(
+                        kind = reply_kind(&other),
+                        "ignoring a reply for another request"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sends a request that is answered with `ok`.
+    async fn expect_ok(&mut self, body: RequestBody) -> Result<(), RunError> {
+        let id = self.send(body).await?;
+        match self.reply_to(id).await? {
+            Reply::Ok { .. } => Ok(()),
+            other => Err(Violation::Unexpected {
+                expected: "ok",
+                got: reply_kind(&other),
+            }
+            .into()),
+        }
+    }
+
+    /// Creates the directory `path` in the workspace (with its parents) for the user code runs
+    /// as; an existing one is fine.
+    pub async fn make_dir(&mut self, path: &str) -> Result<(), RunError> {
+        self.require(FEATURE_FILE_TRANSFER)?;
+        self.expect_ok(RequestBody::MakeDir(MakeDir {
+            path: path.to_string(),
+            mode: 0o755,
+        }))
+        .await
+    }
+
+    /// Writes everything `reader` yields to the workspace file `path` (created or truncated,
+    /// parents created), in `put_file` chunks of [`FILE_CHUNK_BYTES`], each acknowledged before
+    /// the next. Returns the bytes sent.
+    pub async fn put_file(
+        &mut self,
+        path: &str,
+        mut reader: impl AsyncRead + Unpin,
+        mode: u32,
+    ) -> Result<u64, RunError> {
+        self.require(FEATURE_FILE_TRANSFER)?;
+        let mut sent = 0u64;
+        let mut first = true;
+        loop {
+            let mut chunk = Vec::with_capacity(FILE_CHUNK_BYTES as usize);
+            (&mut reader)
+                .take(FILE_CHUNK_BYTES)
+                .read_to_end(&mut chunk)
+                .await
+                .map_err(|source| RunError::HostIo {
+                    action: "read the data",
+                    guest_path: path.to_string(),
+                    source,
+                })?;
+            let len = chunk.len() as u64;
+            if len == 0 && !first {
+                return Ok(sent);
+            }
+            self.expect_ok(RequestBody::PutFile(PutFile {
+                path: path.to_string(),
+                data: chunk,
+                mode,
+                append: !first,
+            }))
+            .await?;
+            first = false;
+            sent += len;
+            if len < FILE_CHUNK_BYTES {
+                return Ok(sent);
+            }
+        }
+    }
+
+    /// Lists the regular files beneath the workspace directory `path`, at most `max_entries`.
+    /// The listing is checked (see [`FileListing`]); a hostile one is a
+    /// [`RunError::Protocol`].
+    pub async fn list_files(
+        &mut self,
+        path: &str,
+        max_entries: u64,
+    ) -> Result<FileListing, RunError> {
+        self.require(FEATURE_FILE_TRANSFER)?;
+        let id = self
+            .send(RequestBody::ListFiles(ListFiles {
+                path: path.to_string(),
+                max_entries,
+            }))
+            .await?;
+        match self.reply_to(id).await? {
+            Reply::FileList {
+                entries, truncated, ..
+            } => Ok(check_listing(entries, truncated, max_entries)?),
+            other => Err(Violation::Unexpected {
+                expected: "file_list",
+                got: reply_kind(&other),
+            }
+            .into()),
+        }
+    }
+
+    /// Copies the workspace file `path` into `writer`, in ranges of [`FILE_CHUNK_BYTES`].
+    /// A file over `max_bytes` is refused with [`RunError::FileTooLarge`] before anything is
+    /// written. Every range must hold exactly what the file's size leaves for it, and the size
+    /// must stay the same from range to range; otherwise [`RunError::Protocol`] (what was
+    /// written so far stays in `writer`: the caller discards it).
+    pub async fn get_file_chunked(
+        &mut self,
+        path: &str,
+        writer: &mut (impl AsyncWrite + Unpin),
+        max_bytes: u64,
+    ) -> Result<FileMeta, RunError> {
+        self.require(FEATURE_FILE_TRANSFER)?;
+        let mut offset = 0u64;
+        let mut known: Option<(u64, u32)> = None;
+        loop {
+            let asked = match known {
+                Some((size, _)) if offset >= size => break,
+                Some((size, _)) => FILE_CHUNK_BYTES.min(size - offset),
+                None => FILE_CHUNK_BYTES,
+            };
+            let id = self
+                .send(RequestBody::GetFile(GetFile {
+                    path: path.to_string(),
+                    offset,
+                    length: Some(asked),
+                }))
+                .await?;
+            let (data, mode, size) = match self.reply_to(id).await? {
+                Reply::FileData {
+                    data, mode, size, ..
+                } => (data, mode, size),
+                other => {
+                    return Err(Violation::Unexpected {
+                        expected: "file_data",
+                        got: reply_kind(&other),
+                    }
+                    .into())
+                }
+            };
+            let got = data.len() as u64;
+            if got > asked {
+                return Err(Violation::ChunkTooLarge { asked, got }.into());
+            }
+            match known {
+                None if size > max_bytes => {
+                    return Err(RunError::FileTooLarge {
+                        path: path.to_string(),
+                        size,
+                        max: max_bytes,
+                    })
+                }
+                None => known = Some((size, mode)),
+                Some((was, _)) if was != size => {
+                    return Err(Violation::SizeChanged { was, now: size }.into())
+                }
+                Some(_) => {}
+            }
+            // `offset` never passes the size: every earlier range held exactly what it left.
+            let expected = asked.min(size.saturating_sub(offset));
+            if got != expected {
+                return Err(Violation::ChunkMismatch { expected, got }.into());
+            }
+            writer
+                .write_all(&data)
+                .await
+                .map_err(|source| RunError::HostIo {
+                    action: "write the data",
+                    guest_path: path.to_string(),
+                    source,
+                })?;
+            offset += got;
+        }
+        writer.flush().await.map_err(|source| RunError::HostIo {
+            action: "write the data",
+            guest_path: path.to_string(),
+            source,
+        })?;
+        let (size, mode) = known.unwrap_or((0, 0));
+        Ok(FileMeta { size, mode })
+    }
+
     /// Asks the agent to power the VM off (best effort: the VM may go before answering).
     pub async fn shutdown(&mut self) -> Result<(), RunError> {
         self.send(RequestBody::Shutdown(Shutdown { poweroff: true }))
@@ -304,6 +617,7 @@ mod tests {
                 version: PROTOCOL_VERSION + 1,
                 agent_version: "9.9.9".into(),
                 languages: vec!["python".into()],
+                features: vec![],
             };
             write_message_async(&mut guest, &reply).await.unwrap();
         });

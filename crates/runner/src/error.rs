@@ -65,6 +65,57 @@ pub enum RunError {
         /// Their agent version string.
         agent_version: String,
     },
+    /// The agent lacks a protocol feature the request needs (an image whose agent is not this
+    /// host's binary, e.g. one booted with `infra.init`).
+    #[error("the guest agent (version {agent_version}) does not support {feature}; rebuild the image with this version (`rootfs create`/`from-docker`) or boot it without infra.init")]
+    AgentTooOld {
+        /// The agent's version string.
+        agent_version: String,
+        /// The missing feature.
+        feature: &'static str,
+    },
+    /// A workspace file is larger than the caller allows; nothing past the limit was read.
+    #[error("workspace file '{path}' is {size} bytes, more than the {max} allowed; raise the limit or write less")]
+    FileTooLarge {
+        /// Path in the workspace.
+        path: String,
+        /// Its size as the agent reported it.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// An input file given for the run cannot be opened or read on the host.
+    #[error("cannot read input file {path}; check that it exists and is a readable regular file: {source}")]
+    InputFile {
+        /// The host path.
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading what is sent to, or writing what is received from, a workspace file failed on
+    /// the host side.
+    #[error("cannot {action} on the host while copying workspace file '{guest_path}'; check the host file or directory (space, permissions): {source}")]
+    HostIo {
+        /// `read the data` or `write the data`.
+        action: &'static str,
+        /// The file's path in the workspace.
+        guest_path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An output file could not be created in the output directory.
+    #[error(
+        "cannot create output file {path}; give an empty directory this user can write: {source}"
+    )]
+    OutputFile {
+        /// The host path.
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A host directory (run, cache) is another user's or writable by others.
     #[error(transparent)]
     HostDir(#[from] infra_config::DirError),
@@ -120,6 +171,56 @@ pub enum Violation {
         /// Largest valid value.
         max: i64,
     },
+    /// A `file_data` with more bytes than were asked for.
+    #[error("a file_data of {got} bytes where at most {asked} were asked for")]
+    ChunkTooLarge {
+        /// Bytes asked for.
+        asked: u64,
+        /// Bytes sent.
+        got: u64,
+    },
+    /// A `file_data` whose length is not what the file's reported size leaves for the range
+    /// (a short read, or bytes past the end).
+    #[error(
+        "a file_data of {got} bytes where the file's reported size leaves {expected} for the range"
+    )]
+    ChunkMismatch {
+        /// Bytes the range must hold.
+        expected: u64,
+        /// Bytes sent.
+        got: u64,
+    },
+    /// A file's size changed between chunks, or differs from its listing.
+    #[error("the size of a file changed from {was} to {now} bytes while it was read")]
+    SizeChanged {
+        /// Size first reported (or listed).
+        was: u64,
+        /// Size reported later.
+        now: u64,
+    },
+    /// A listing with more entries than were asked for.
+    #[error("a file_list of {got} entries where at most {max} were asked for")]
+    TooManyEntries {
+        /// Entries sent.
+        got: usize,
+        /// Entries allowed.
+        max: u64,
+    },
+    /// A listed path that is not a plain relative path (could name a file outside the
+    /// directory it is joined to).
+    #[error("a listed path {path} is refused: {problem}")]
+    UnsafePath {
+        /// The path, quoted and escaped, cut at 80 characters.
+        path: String,
+        /// What is wrong with it.
+        problem: infra_protocol::PathProblem,
+    },
+    /// A listed path that appears twice, or is both a file and the parent of another.
+    #[error("a listed path {path} appears twice or is both a file and a directory")]
+    PathConflict {
+        /// The path, quoted and escaped, cut at 80 characters.
+        path: String,
+    },
     /// A reply that does not answer the request (e.g. `ok` to `hello`).
     #[error("a `{got}` reply where `{expected}` was expected")]
     Unexpected {
@@ -151,9 +252,14 @@ impl RunError {
             | Self::AgentClosed
             | Self::AgentSilent { .. }
             | Self::Protocol { .. }
-            | Self::Refused { .. } => K::Sandbox,
-            Self::VersionMismatch { .. } | Self::Prerequisite(_) => K::Prerequisite,
-            Self::Usage(_) => K::Usage,
+            | Self::Refused { .. }
+            | Self::FileTooLarge { .. } => K::Sandbox,
+            Self::VersionMismatch { .. } | Self::AgentTooOld { .. } | Self::Prerequisite(_) => {
+                K::Prerequisite
+            }
+            // An input file that cannot be read is a bad flag or field, like a bad name.
+            Self::Usage(_) | Self::InputFile { .. } => K::Usage,
+            Self::HostIo { .. } | Self::OutputFile { .. } => K::Failure,
         }
     }
 }

@@ -3,9 +3,21 @@
 //!
 //! ```text
 //! Runner::run ─▶ select backend (Firecracker | QEMU kvm | QEMU tcg, KVM proven by a boot)
-//!             ─▶ Vm::start (own temp dir) ─▶ hello (boot timeout) ─▶ exec (streamed)
+//!             ─▶ Vm::start (own temp dir) ─▶ hello (boot timeout)
+//!             ─▶ make_dir output/, put input files ─▶ exec in /workspace (streamed)
+//!             ─▶ list output/, download within the caps (also after a timeout or failure)
 //!             ─▶ Vm::stop (kill, wait, remove dir) — on every path, error or not
 //! ```
+//!
+//! Files: [`RunSpec::files`] are copied into the workspace (`/workspace` in the VM) before
+//! the program starts, and the program runs there, so `data.txt` and `/workspace/data.txt`
+//! are the same file. With [`RunSpec::outputs`], the regular files the program leaves under
+//! `output/` come back into [`OutputLimits::dir`] as `0`, `1`, ... (never a name chosen by the
+//! guest), listed in [`RunOutcome::output_files`] by their name under `output/`; files over
+//! the caps are named in [`RunOutcome::output_files_skipped`]. Outputs are collected whatever
+//! the program's status (timeout, error, compile error): partial results are results. They are
+//! not collected when the run itself fails (the VM died, the agent broke the protocol); then
+//! the files already downloaded are removed and the error is returned.
 
 mod client;
 mod error;
@@ -15,12 +27,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use infra_protocol::{Exec, Exit};
+use infra_protocol::{check_relative_path, ErrorCode, Exec, Exit, FEATURE_FILE_TRANSFER};
 use infra_vmm::{Accel, Backend, Vm, VmConfig};
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
-pub use client::{AgentClient, AgentInfo, Output, MAX_STRAY_FRAMES, OUTPUT_SLACK_BYTES};
+pub use client::{
+    AgentClient, AgentInfo, FileListing, FileMeta, Output, FILE_CHUNK_BYTES, MAX_STRAY_FRAMES,
+    OUTPUT_SLACK_BYTES,
+};
 pub use error::{RunError, Violation};
 
 /// Which VMM to use.
@@ -139,6 +154,75 @@ pub struct RunSpec {
     pub rootfs: PathBuf,
     /// Kernel (ELF vmlinux) to boot.
     pub kernel: PathBuf,
+    /// Host files copied into the workspace before the program runs.
+    pub files: Vec<InputFile>,
+    /// Bring back what the program writes under `output/`; `None` leaves it in the VM.
+    pub outputs: Option<OutputLimits>,
+}
+
+/// The workspace directory whose files come back ([`RunSpec::outputs`]); it exists, empty and
+/// writable by the program, when the program starts.
+pub const OUTPUT_DIR: &str = "output";
+
+/// A host file to place in the run's workspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputFile {
+    /// Path in the workspace, relative (`data.csv`, `in/a.bin`); must pass
+    /// [`check_input_name`].
+    pub name: String,
+    /// The host file to copy (read when the VM is up, streamed in 2 MiB chunks).
+    pub source: PathBuf,
+}
+
+/// Where output files go and how many bytes of them to bring back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputLimits {
+    /// An existing directory, best empty and private: the runner creates the files `0`, `1`,
+    /// ... in it (O_EXCL: an existing name fails the run), one per downloaded file, mode 0600.
+    pub dir: PathBuf,
+    /// Most files downloaded.
+    pub max_files: usize,
+    /// Largest file downloaded, in bytes.
+    pub max_file_bytes: u64,
+    /// Most bytes downloaded in all.
+    pub max_total_bytes: u64,
+}
+
+/// A file the program left under `output/`, now on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFile {
+    /// Path relative to `output/`, `/`-separated; passed [`infra_protocol::check_relative_path`].
+    pub name: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// Permission bits in the guest (`0o777` part only).
+    pub mode: u32,
+    /// Where the runner wrote it: `dir/<index>` (not serialized).
+    #[serde(skip)]
+    pub host_path: PathBuf,
+}
+
+/// A file under `output/` that was not downloaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedOutput {
+    /// Path relative to `output/`.
+    pub name: String,
+    /// Its size in the guest.
+    pub bytes: u64,
+    /// Which cap it hit.
+    pub reason: SkipReason,
+}
+
+/// Why an output file was not downloaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// `max_files` files were already downloaded.
+    TooManyFiles,
+    /// The file is over `max_file_bytes`.
+    FileTooLarge,
+    /// It would take the total over `max_total_bytes`.
+    TotalTooLarge,
 }
 
 /// What a run produced, in the original API's shape plus our fields.
@@ -180,6 +264,17 @@ pub struct RunOutcome {
     pub compile_output: Option<String>,
     /// Agent version in the guest.
     pub agent_version: String,
+    /// Files brought back from `output/`, in name order (empty without
+    /// [`RunSpec::outputs`]).
+    #[serde(default)]
+    pub output_files: Vec<OutputFile>,
+    /// Files under `output/` that were listed but not downloaded, with the cap each hit.
+    #[serde(default)]
+    pub output_files_skipped: Vec<SkippedOutput>,
+    /// `output/` held more files than were listed (more than `max_files + 1`, or more than
+    /// one listing carries); those are neither downloaded nor named.
+    #[serde(default)]
+    pub output_files_truncated: bool,
 }
 
 /// A booted VM with a connected, greeted agent.
@@ -422,16 +517,18 @@ impl Runner {
         unreachable!("the last candidate returns")
     }
 
-    /// Boots a VM for `spec`, runs the program, streams its output to `on_output`, and tears
-    /// the VM down (also when anything fails).
+    /// Boots a VM for `spec`, places its input files, runs the program, streams its output to
+    /// `on_output`, brings its output files back (see the crate doc), and tears the VM down
+    /// (also when anything fails).
     pub async fn run(
         &self,
         spec: &RunSpec,
         initramfs: &Path,
-        mut on_output: impl FnMut(Output),
+        on_output: impl FnMut(Output),
     ) -> Result<RunOutcome, RunError> {
         check_code(&spec.code)?;
         check_timeout(spec.timeout)?;
+        check_files(spec)?;
         let started = Instant::now();
         let trace_id = format!("tr-{}", uuid::Uuid::new_v4().simple());
         let mut ready = self
@@ -443,44 +540,17 @@ impl Runner {
                 spec.vcpus,
             )
             .await?;
-        let mut exec = Exec::new(spec.lang.clone(), spec.code.clone());
-        exec.argv = spec.argv.clone();
-        exec.stdin = spec.stdin.clone();
-        exec.env = spec.env.clone();
-        exec.timeout_ms = spec.timeout.as_millis() as u64;
-        exec.max_output_bytes = spec.max_output_bytes;
-        // Leave the kernel and the agent room to report: the program's cgroup gets the
-        // guest's memory minus a reserve, and a pid budget that stops fork bombs early.
-        exec.memory_mb = Some(u64::from(
-            spec.mem_mib.saturating_sub(GUEST_RESERVE_MIB).max(32),
-        ));
-        exec.max_pids = Some(spec.max_pids);
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
-        // The agent enforces the timeout; this backstop only covers an agent or guest that
-        // stops answering.
-        let backstop = spec.timeout + Duration::from_secs(15);
-        let result = {
-            let exec_fut = ready.client.exec(exec, |o| {
-                match &o {
-                    Output::Stdout(d) => stdout.extend_from_slice(d),
-                    Output::Stderr(d) => stderr.extend_from_slice(d),
-                }
-                on_output(o);
-            });
-            watch_vm(&mut ready.vm, backstop, exec_fut, |vm| {
-                RunError::AgentSilent {
-                    secs: backstop.as_secs(),
-                    console: vm.console_tail(15),
-                }
-            })
-            .await
-        };
+        let result = converse(&mut ready, spec, &mut stdout, &mut stderr, on_output).await;
         let backend = ready.vm.backend().to_string();
         let accel = ready.vm.accel().to_string();
         let stop = ready.vm.stop().await;
-        let exit: Exit = result?;
-        stop?;
+        let (exit, collected): (Exit, CollectedOutputs) = result?;
+        if let Err(e) = stop {
+            remove_outputs(&collected.files);
+            return Err(e.into());
+        }
         let (stdout_s, stderr_s) = (
             String::from_utf8_lossy(&stdout).into_owned(),
             String::from_utf8_lossy(&stderr).into_owned(),
@@ -504,8 +574,355 @@ impl Runner {
             peak_memory_bytes: exit.peak_memory_bytes,
             compile_output: exit.compile_output,
             agent_version: ready.info.agent_version,
+            output_files: collected.files,
+            output_files_skipped: collected.skipped,
+            output_files_truncated: collected.truncated,
         })
     }
+}
+
+/// Time allowed for moving `bytes` through the agent, on top of a fixed minute: 256 KiB/s is
+/// far below what TCG guests manage, so only a stuck guest reaches it.
+fn transfer_time(bytes: u64) -> Duration {
+    Duration::from_secs(60 + bytes.min(1 << 40) / (256 << 10))
+}
+
+/// The conversation with a ready VM: inputs, exec, outputs. The caller stops the VM.
+async fn converse(
+    ready: &mut ReadyVm,
+    spec: &RunSpec,
+    stdout: &mut Vec<u8>,
+    stderr: &mut Vec<u8>,
+    mut on_output: impl FnMut(Output),
+) -> Result<(Exit, CollectedOutputs), RunError> {
+    let files = ready.client.supports(FEATURE_FILE_TRANSFER);
+    if !files && (!spec.files.is_empty() || spec.outputs.is_some()) {
+        return Err(RunError::AgentTooOld {
+            agent_version: ready.info.agent_version.clone(),
+            feature: "input and output files",
+        });
+    }
+    if files {
+        let mut total = 0u64;
+        for f in &spec.files {
+            total += std::fs::metadata(&f.source).map_or(0, |m| m.len());
+        }
+        let client = &mut ready.client;
+        let place = async {
+            client.make_dir(OUTPUT_DIR).await?;
+            for f in &spec.files {
+                let file = tokio::fs::File::open(&f.source).await.map_err(|source| {
+                    RunError::InputFile {
+                        path: f.source.clone(),
+                        source,
+                    }
+                })?;
+                client.put_file(&f.name, file, 0o644).await?;
+            }
+            Ok(())
+        };
+        let limit = transfer_time(total);
+        watch_vm(&mut ready.vm, limit, place, |vm| RunError::AgentSilent {
+            secs: limit.as_secs(),
+            console: vm.console_tail(15),
+        })
+        .await?;
+    }
+    let mut exec = Exec::new(spec.lang.clone(), spec.code.clone());
+    exec.argv = spec.argv.clone();
+    exec.stdin = spec.stdin.clone();
+    exec.env = spec.env.clone();
+    exec.timeout_ms = spec.timeout.as_millis() as u64;
+    exec.max_output_bytes = spec.max_output_bytes;
+    // Leave the kernel and the agent room to report: the program's cgroup gets the
+    // guest's memory minus a reserve, and a pid budget that stops fork bombs early.
+    exec.memory_mb = Some(u64::from(
+        spec.mem_mib.saturating_sub(GUEST_RESERVE_MIB).max(32),
+    ));
+    exec.max_pids = Some(spec.max_pids);
+    // In the workspace itself (`/workspace` in the VM), next to the input files and output/.
+    exec.workdir = files.then(|| ".".to_string());
+    // The agent enforces the timeout; this backstop only covers an agent or guest that
+    // stops answering.
+    let backstop = spec.timeout + Duration::from_secs(15);
+    let exit = {
+        let exec_fut = ready.client.exec(exec, |o| {
+            match &o {
+                Output::Stdout(d) => stdout.extend_from_slice(d),
+                Output::Stderr(d) => stderr.extend_from_slice(d),
+            }
+            on_output(o);
+        });
+        watch_vm(&mut ready.vm, backstop, exec_fut, |vm| {
+            RunError::AgentSilent {
+                secs: backstop.as_secs(),
+                console: vm.console_tail(15),
+            }
+        })
+        .await?
+    };
+    let Some(limits) = &spec.outputs else {
+        return Ok((exit, CollectedOutputs::default()));
+    };
+    let client = &mut ready.client;
+    let limit = transfer_time(0);
+    let plan = watch_vm(&mut ready.vm, limit, plan_outputs(client, limits), |vm| {
+        RunError::AgentSilent {
+            secs: limit.as_secs(),
+            console: vm.console_tail(15),
+        }
+    })
+    .await?;
+    let mut collected = CollectedOutputs {
+        files: Vec::new(),
+        skipped: plan.skipped,
+        truncated: plan.truncated,
+    };
+    let limit = transfer_time(plan.wanted.iter().map(|e| e.size).sum());
+    let client = &mut ready.client;
+    let r = watch_vm(
+        &mut ready.vm,
+        limit,
+        download_outputs(client, &limits.dir, plan.wanted, &mut collected.files),
+        |vm| RunError::AgentSilent {
+            secs: limit.as_secs(),
+            console: vm.console_tail(15),
+        },
+    )
+    .await;
+    match r {
+        Ok(()) => Ok((exit, collected)),
+        Err(e) => {
+            remove_outputs(&collected.files);
+            Err(e)
+        }
+    }
+}
+
+/// Removes downloaded output files (a run that fails returns none).
+fn remove_outputs(files: &[OutputFile]) {
+    for f in files {
+        let _ = std::fs::remove_file(&f.host_path);
+    }
+}
+
+/// What [`collect_outputs`] brought back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CollectedOutputs {
+    /// Downloaded files, in name order, at `dir/0`, `dir/1`, ...
+    pub files: Vec<OutputFile>,
+    /// Listed files over a cap.
+    pub skipped: Vec<SkippedOutput>,
+    /// `output/` held more files than were listed.
+    pub truncated: bool,
+}
+
+/// Brings back the files under the workspace's `output/` through a greeted `client`, within
+/// `limits` (see the crate doc): lists at most `max_files + 1`, downloads in name order what
+/// fits into `limits.dir` as `0`, `1`, ... (created O_EXCL, mode 0600), names the rest as
+/// skipped. A missing or replaced `output/` gives nothing. On any error the files it created
+/// are removed. [`Runner::run`] does the same with a time limit per phase; a caller using this
+/// directly bounds the time itself.
+pub async fn collect_outputs<S: tokio::io::AsyncRead + tokio::io::AsyncWrite>(
+    client: &mut AgentClient<S>,
+    limits: &OutputLimits,
+) -> Result<CollectedOutputs, RunError> {
+    let plan = plan_outputs(client, limits).await?;
+    let mut files = Vec::new();
+    if let Err(e) = download_outputs(client, &limits.dir, plan.wanted, &mut files).await {
+        remove_outputs(&files);
+        return Err(e);
+    }
+    Ok(CollectedOutputs {
+        files,
+        skipped: plan.skipped,
+        truncated: plan.truncated,
+    })
+}
+
+/// What to download from `output/`, decided from its listing and the caps.
+struct OutputPlan {
+    wanted: Vec<infra_protocol::FileEntry>,
+    skipped: Vec<SkippedOutput>,
+    truncated: bool,
+}
+
+/// Lists `output/` (at most `max_files + 1` entries) and splits it, in name order, into the
+/// files that fit the caps and those that do not.
+async fn plan_outputs<S: tokio::io::AsyncRead + tokio::io::AsyncWrite>(
+    client: &mut AgentClient<S>,
+    limits: &OutputLimits,
+) -> Result<OutputPlan, RunError> {
+    let mut plan = OutputPlan {
+        wanted: Vec::new(),
+        skipped: Vec::new(),
+        truncated: false,
+    };
+    let max_entries = u64::try_from(limits.max_files)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
+    let listing = match client.list_files(OUTPUT_DIR, max_entries).await {
+        Ok(l) => l,
+        // The program removed output/ or put something else in its place: nothing to bring.
+        Err(RunError::Refused { code, .. })
+            if code == ErrorCode::NotFound.as_str() || code == ErrorCode::PathRefused.as_str() =>
+        {
+            return Ok(plan)
+        }
+        Err(e) => return Err(e),
+    };
+    plan.truncated = listing.truncated;
+    let mut total = 0u64;
+    for e in listing.entries {
+        let reason = if plan.wanted.len() >= limits.max_files {
+            SkipReason::TooManyFiles
+        } else if e.size > limits.max_file_bytes {
+            SkipReason::FileTooLarge
+        } else if total.saturating_add(e.size) > limits.max_total_bytes {
+            SkipReason::TotalTooLarge
+        } else {
+            total += e.size;
+            plan.wanted.push(e);
+            continue;
+        };
+        plan.skipped.push(SkippedOutput {
+            name: e.path,
+            bytes: e.size,
+            reason,
+        });
+    }
+    Ok(plan)
+}
+
+/// Downloads `wanted` into `dir` as `0`, `1`, ..., recording each file in `files` as soon as
+/// it exists on the host (so a failure can remove it). Each must have its listed size.
+async fn download_outputs<S: tokio::io::AsyncRead + tokio::io::AsyncWrite>(
+    client: &mut AgentClient<S>,
+    dir: &Path,
+    wanted: Vec<infra_protocol::FileEntry>,
+    files: &mut Vec<OutputFile>,
+) -> Result<(), RunError> {
+    for e in wanted {
+        // The host name is the index, never the guest's name.
+        let host_path = dir.join(files.len().to_string());
+        let file = create_output(&host_path)?;
+        files.push(OutputFile {
+            name: e.path.clone(),
+            bytes: e.size,
+            mode: e.mode & 0o777,
+            host_path,
+        });
+        let mut file = tokio::fs::File::from_std(file);
+        let guest = format!("{OUTPUT_DIR}/{}", e.path);
+        let meta = match client.get_file_chunked(&guest, &mut file, e.size).await {
+            Ok(m) => m,
+            Err(RunError::FileTooLarge { size, .. }) => {
+                return Err(Violation::SizeChanged {
+                    was: e.size,
+                    now: size,
+                }
+                .into())
+            }
+            Err(err) => return Err(err),
+        };
+        if meta.size != e.size {
+            return Err(Violation::SizeChanged {
+                was: e.size,
+                now: meta.size,
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Creates a new output file: never an existing name, never through a symlink, mode 0600.
+fn create_output(path: &Path) -> Result<std::fs::File, RunError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| RunError::OutputFile {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Checks a workspace name for an input file: a plain relative path
+/// ([`infra_protocol::check_relative_path`]) that is not `output` itself.
+pub fn check_input_name(name: &str) -> Result<(), RunError> {
+    check_relative_path(name).map_err(|problem| {
+        RunError::Usage(format!(
+            "input file name {name:?} is refused ({problem}); give a relative path such as data/in.csv"
+        ))
+    })?;
+    if name == OUTPUT_DIR {
+        return Err(RunError::Usage(format!(
+            "input file name {name:?} is refused: {OUTPUT_DIR}/ is the directory for the program's output files; put the file inside it or use another name"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses bad input files and output settings before anything is booted: unsafe or repeated
+/// names, the language's own source file name, sources that are not regular files, an output
+/// directory that is not a directory.
+pub fn check_files(spec: &RunSpec) -> Result<(), RunError> {
+    check_input_files(&spec.lang, &spec.files)?;
+    if let Some(o) = &spec.outputs {
+        if !o.dir.is_dir() {
+            return Err(RunError::Usage(format!(
+                "the output directory {} does not exist or is not a directory; create it first",
+                o.dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The input-file half of [`check_files`], for front ends that check before they have a
+/// whole [`RunSpec`]: safe and distinct names, not the language's source file, regular-file
+/// sources.
+pub fn check_input_files(lang: &str, files: &[InputFile]) -> Result<(), RunError> {
+    let source_file = infra_languages::LanguageTable::builtin()
+        .get(lang)
+        .ok()
+        .map(|l| l.file.clone());
+    let mut seen = std::collections::HashSet::new();
+    for f in files {
+        check_input_name(&f.name)?;
+        if !seen.insert(f.name.as_str()) {
+            return Err(RunError::Usage(format!(
+                "input file name {:?} is given twice; give each file its own name",
+                f.name
+            )));
+        }
+        if source_file.as_deref() == Some(f.name.as_str()) {
+            return Err(RunError::Usage(format!(
+                "input file name {:?} is the program's own source file in the workspace; give the input another name",
+                f.name
+            )));
+        }
+        match std::fs::metadata(&f.source) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                return Err(RunError::Usage(format!(
+                    "input file {} is not a regular file; give a file, not a directory or device",
+                    f.source.display()
+                )))
+            }
+            Err(source) => {
+                return Err(RunError::InputFile {
+                    path: f.source.clone(),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a wall-clock limit the protocol does not carry (over
@@ -619,6 +1036,100 @@ fn boot_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec_with(files: Vec<InputFile>, outputs: Option<OutputLimits>) -> RunSpec {
+        RunSpec {
+            lang: "python".into(),
+            code: "print(1)".into(),
+            argv: Vec::new(),
+            stdin: Vec::new(),
+            env: BTreeMap::new(),
+            timeout: Duration::from_secs(1),
+            max_output_bytes: 1024,
+            mem_mib: 256,
+            vcpus: 1,
+            max_pids: 16,
+            rootfs: PathBuf::new(),
+            kernel: PathBuf::new(),
+            files,
+            outputs,
+        }
+    }
+
+    /// Input names and sources are checked before anything boots.
+    #[test]
+    fn bad_input_files_are_usage_errors_before_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("data.txt");
+        std::fs::write(&src, "x").unwrap();
+        let input = |name: &str| InputFile {
+            name: name.into(),
+            source: src.clone(),
+        };
+        assert!(check_files(&spec_with(vec![input("data.txt"), input("in/b.txt")], None)).is_ok());
+        for bad in [
+            vec![input("../x")],
+            vec![input("/etc/passwd")],
+            vec![input("a//b")],
+            vec![input("output")],
+            vec![input("main.py")],
+            vec![input("a"), input("a")],
+        ] {
+            let e = check_files(&spec_with(bad.clone(), None)).unwrap_err();
+            assert!(matches!(e, RunError::Usage(_)), "{bad:?}: {e}");
+        }
+        let missing = InputFile {
+            name: "m".into(),
+            source: dir.path().join("missing"),
+        };
+        assert!(matches!(
+            check_files(&spec_with(vec![missing], None)),
+            Err(RunError::InputFile { .. })
+        ));
+        let a_dir = InputFile {
+            name: "d".into(),
+            source: dir.path().to_path_buf(),
+        };
+        assert!(matches!(
+            check_files(&spec_with(vec![a_dir], None)),
+            Err(RunError::Usage(_))
+        ));
+        let limits = OutputLimits {
+            dir: dir.path().join("nope"),
+            max_files: 1,
+            max_file_bytes: 1,
+            max_total_bytes: 1,
+        };
+        assert!(matches!(
+            check_files(&spec_with(vec![], Some(limits))),
+            Err(RunError::Usage(_))
+        ));
+    }
+
+    /// The JSON result keeps its shape plus the output fields; the host path stays out.
+    #[test]
+    fn outcome_json_has_output_files_without_host_paths() {
+        let f = OutputFile {
+            name: "sub/b.bin".into(),
+            bytes: 5,
+            mode: 0o644,
+            host_path: "/secret/0".into(),
+        };
+        let v = serde_json::to_value(&f).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"name": "sub/b.bin", "bytes": 5, "mode": 420})
+        );
+        let s = SkippedOutput {
+            name: "big".into(),
+            bytes: 9,
+            reason: SkipReason::TotalTooLarge,
+        };
+        assert_eq!(
+            serde_json::to_value(&s).unwrap()["reason"],
+            "total_too_large"
+        );
+    }
 
     #[test]
     fn kvm_verdicts_are_per_backend() {

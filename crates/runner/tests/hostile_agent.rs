@@ -62,6 +62,7 @@ async fn stand_in(script: Script) -> AgentClient<TcpStream> {
             version: PROTOCOL_VERSION,
             agent_version: "hostile".into(),
             languages: vec!["python".into()],
+            features: vec![],
         };
         write_message_async(&mut s, &reply).await.unwrap();
         let Ok(Some(req)) = read_message_async::<Request, _>(&mut s).await else {
@@ -385,6 +386,7 @@ async fn wrong_versions_and_wrong_hello_answers_are_refused() {
                 version: theirs,
                 agent_version: "x".into(),
                 languages: vec![],
+                features: vec![],
             })
             .unwrap()
         })

@@ -36,6 +36,7 @@ fn stand_in(l: &std::net::TcpListener, chunk: usize, own: bool) -> u64 {
             version: PROTOCOL_VERSION,
             agent_version: "hostile".into(),
             languages: vec![],
+            features: vec![],
         },
     )
     .unwrap();

@@ -135,56 +135,104 @@ pub struct ExecuteResponse {
     pub compile_output: Option<String>,
     /// Agent version in the guest.
     pub agent_version: String,
+    /// Files the program wrote under `/workspace/output/`, now in the Files API (purpose
+    /// `assistants_output`).
+    pub output_files: Vec<OutputFileRef>,
+    /// Output files not brought back, with the cap they hit.
+    pub output_files_skipped: Vec<SkippedFile>,
+    /// The program left more files than the listing allows; the rest were not looked at.
+    pub output_files_truncated: bool,
     /// The input echoed (batch form with several inputs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stdin: Option<String>,
 }
 
-impl From<RunOutcome> for ExecuteResponse {
-    fn from(o: RunOutcome) -> Self {
-        // Named in full: a new outcome field must be placed here.
-        let RunOutcome {
-            trace_id,
-            status,
-            stdout,
-            stderr,
-            exit_code,
-            exec_time,
-            lang,
-            boot_time,
-            total_time,
-            backend,
-            accel,
-            timed_out,
-            signal,
-            stdout_truncated,
-            stderr_truncated,
-            peak_memory_bytes,
-            compile_output,
-            agent_version,
-        } = o;
-        Self {
-            trace_id,
-            status,
-            stdout,
-            stderr,
-            exit_code,
-            exec_time,
-            lang,
-            boot_time,
-            total_time,
-            backend,
-            accel,
-            timed_out,
-            signal,
-            stdout_truncated,
-            stderr_truncated,
-            peak_memory_bytes,
-            compile_output,
-            agent_version,
-            stdin: None,
-        }
-    }
+/// An output file, stored.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OutputFileRef {
+    /// Files API id (`file-…`): fetch with `GET /v1/files/{id}/content`.
+    pub id: String,
+    /// Path under `output/` (`sub/b.bin`).
+    pub path: String,
+    /// The file's name (last component of `path`).
+    pub filename: String,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// An output file that was not brought back.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SkippedFile {
+    /// Path under `output/`.
+    pub path: String,
+    /// Size in the guest.
+    pub bytes: u64,
+    /// `too_many_files`, `file_too_large`, `total_too_large`, or `filename_refused`.
+    pub reason: String,
+}
+
+/// The response without output file ids yet, and the files the runner brought back.
+fn split_outcome(o: RunOutcome) -> (ExecuteResponse, Vec<infra_runner::OutputFile>) {
+    // Named in full: a new outcome field must be placed here.
+    let RunOutcome {
+        trace_id,
+        status,
+        stdout,
+        stderr,
+        exit_code,
+        exec_time,
+        lang,
+        boot_time,
+        total_time,
+        backend,
+        accel,
+        timed_out,
+        signal,
+        stdout_truncated,
+        stderr_truncated,
+        peak_memory_bytes,
+        compile_output,
+        agent_version,
+        output_files,
+        output_files_skipped,
+        output_files_truncated,
+    } = o;
+    let skipped = output_files_skipped
+        .into_iter()
+        .map(|s| SkippedFile {
+            path: s.name,
+            bytes: s.bytes,
+            reason: serde_json::to_value(s.reason)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+        })
+        .collect();
+    let resp = ExecuteResponse {
+        trace_id,
+        status,
+        stdout,
+        stderr,
+        exit_code,
+        exec_time,
+        lang,
+        boot_time,
+        total_time,
+        backend,
+        accel,
+        timed_out,
+        signal,
+        stdout_truncated,
+        stderr_truncated,
+        peak_memory_bytes,
+        compile_output,
+        agent_version,
+        output_files: Vec::new(),
+        output_files_skipped: skipped,
+        output_files_truncated,
+        stdin: None,
+    };
+    (resp, output_files)
 }
 
 /// Most bytes of code, stdin, env and args in one execution (one protocol frame carries
@@ -194,6 +242,8 @@ const MAX_EXEC_PAYLOAD: usize = 3 << 20;
 /// A checked execution, ready to run.
 struct Job {
     lang: infra_languages::Language,
+    extra: Vec<SourceFile>,
+    file_ids: Vec<String>,
     code: String,
     stdin: Vec<u8>,
     env: BTreeMap<String, String>,
@@ -210,7 +260,7 @@ fn check_job(state: &AppState, req: ExecuteRequest) -> ApiResult<Job> {
         timeout,
         env,
         args,
-        file_ids: _,
+        file_ids,
     } = req;
     let lang = infra_runner::prepare::language(&language)
         .map_err(|e| ApiError::bad("language", e.to_string()))?;
@@ -228,10 +278,15 @@ fn check_job(state: &AppState, req: ExecuteRequest) -> ApiResult<Job> {
     if code.trim().is_empty() {
         return Err(ApiError::bad("code", "the code is empty; send a program"));
     }
-    if !files.is_empty() {
+    for f in &files {
+        infra_runner::check_input_name(&f.name)
+            .map_err(|e| ApiError::bad("files", e.to_string()))?;
+    }
+    let file_ids = file_ids.unwrap_or_default();
+    if file_ids.len() > 100 {
         return Err(ApiError::bad(
-            "files",
-            "extra source files besides the program are not supported yet; upload them with the Files API and pass file_ids",
+            "file_ids",
+            "at most 100 file_ids per execution",
         ));
     }
     let limits = &state.config.runs;
@@ -271,6 +326,8 @@ fn check_job(state: &AppState, req: ExecuteRequest) -> ApiResult<Job> {
     }
     Ok(Job {
         lang,
+        extra: files,
+        file_ids,
         code,
         stdin,
         env,
@@ -301,7 +358,20 @@ async fn run_job(
         ));
     let files = prepare.await?;
     let limits = &state.config.runs;
+    let (work, inputs) = stage_inputs(state, &job).await?;
+    let out_dir = work.path().join("out");
+    std::fs::create_dir(&out_dir).map_err(|source| ApiError::Internal {
+        what: "cannot create the output directory",
+        source,
+    })?;
     let spec = RunSpec {
+        files: inputs,
+        outputs: Some(infra_runner::OutputLimits {
+            dir: out_dir,
+            max_files: limits.max_output_files,
+            max_file_bytes: limits.max_output_file_bytes,
+            max_total_bytes: limits.max_output_total_bytes,
+        }),
         lang: job.lang.key.clone(),
         code: job.code,
         argv: job.args,
@@ -334,7 +404,120 @@ async fn run_job(
         .inc();
     let outcome = result?;
     state.metrics.run_seconds.observe(outcome.total_time);
-    Ok(outcome.into())
+    let (mut resp, files) = split_outcome(outcome);
+    for f in files {
+        let filename = f.name.rsplit('/').next().unwrap_or(&f.name).to_string();
+        let stored = async {
+            let body = tokio::fs::File::open(&f.host_path)
+                .await
+                .map_err(|source| ApiError::Internal {
+                    what: "cannot read an output file",
+                    source,
+                })?;
+            let req = infra_files::NewFile {
+                filename: filename.clone(),
+                purpose: infra_files::Purpose::AssistantsOutput,
+                expires_after: None,
+            };
+            let body = tokio_util::io::ReaderStream::with_capacity(body, 64 << 10);
+            Ok::<_, ApiError>(state.files.create(req, body).await?)
+        }
+        .await;
+        match stored {
+            Ok(obj) => resp.output_files.push(OutputFileRef {
+                id: obj.id,
+                path: f.name,
+                filename,
+                bytes: obj.bytes,
+            }),
+            // A name the Files API refuses (it was fine as a path in the guest).
+            Err(ApiError::Files(e))
+                if matches!(*e, infra_files::FilesError::BadFilename { .. }) =>
+            {
+                resp.output_files_skipped.push(SkippedFile {
+                    path: f.name,
+                    bytes: f.bytes,
+                    reason: "filename_refused".into(),
+                })
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    drop(work);
+    Ok(resp)
+}
+
+/// A private directory for one run: `in/<n>` input files, `out/` for the runner's outputs.
+/// Removed when dropped.
+async fn stage_inputs(
+    state: &AppState,
+    job: &Job,
+) -> ApiResult<(tempfile::TempDir, Vec<infra_runner::InputFile>)> {
+    let internal = |what| move |source| ApiError::Internal { what, source };
+    let base = state.paths.cache.join("api-runs");
+    infra_config::ensure_dir(&base, infra_config::PRIVATE_DIR).map_err(|e| ApiError::Internal {
+        what: "cannot prepare the run directory",
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let work = tempfile::Builder::new()
+        .prefix("run-")
+        .tempdir_in(&base)
+        .map_err(internal("cannot create a run directory"))?;
+    let inputs = work.path().join("in");
+    std::fs::create_dir(&inputs).map_err(internal("cannot create the input directory"))?;
+    let max = state.config.runs.max_input_bytes;
+    let mut total = 0u64;
+    let mut n = 0usize;
+    let mut staged = Vec::new();
+    for f in &job.extra {
+        total += f.content.len() as u64;
+        let source = inputs.join(n.to_string());
+        std::fs::write(&source, &f.content).map_err(internal("cannot write an input file"))?;
+        staged.push(infra_runner::InputFile {
+            name: f.name.clone(),
+            source,
+        });
+        n += 1;
+    }
+    for id in &job.file_ids {
+        let meta = state.files.get(id).await?;
+        total += meta.bytes;
+        if total > max {
+            return Err(ApiError::bad(
+                "file_ids",
+                format!("the input files add up to more than {max} bytes (runs.max_input_bytes)"),
+            ));
+        }
+        let c = state.files.content(id, None).await?;
+        let source = inputs.join(n.to_string());
+        let mut out = tokio::fs::File::create(&source)
+            .await
+            .map_err(internal("cannot write an input file"))?;
+        let mut body = c.body;
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(internal("cannot read a file from the store"))?;
+            out.write_all(&chunk)
+                .await
+                .map_err(internal("cannot write an input file"))?;
+        }
+        out.flush()
+            .await
+            .map_err(internal("cannot write an input file"))?;
+        staged.push(infra_runner::InputFile {
+            name: meta.filename,
+            source,
+        });
+        n += 1;
+    }
+    if total > max {
+        return Err(ApiError::bad(
+            "files",
+            format!("the input files add up to more than {max} bytes (runs.max_input_bytes)"),
+        ));
+    }
+    Ok((work, staged))
 }
 
 /// Runs code in a fresh microVM and returns its result.
@@ -354,12 +537,6 @@ pub async fn execute(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<ExecuteRequest>,
 ) -> ApiResult<Json<ExecuteResponse>> {
-    if req.file_ids.as_ref().is_some_and(|v| !v.is_empty()) {
-        return Err(ApiError::bad(
-            "file_ids",
-            "file_ids are not supported by this server build",
-        ));
-    }
     let job = check_job(&state, req)?;
     Ok(Json(run_job(&state, job, |_| {}).await?))
 }
@@ -386,12 +563,6 @@ pub async fn execute_stream(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<ExecuteRequest>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    if req.file_ids.as_ref().is_some_and(|v| !v.is_empty()) {
-        return Err(ApiError::bad(
-            "file_ids",
-            "file_ids are not supported by this server build",
-        ));
-    }
     let job = check_job(&state, req)?;
     if *state.stopping.borrow() {
         return Err(ApiError::ShuttingDown);
