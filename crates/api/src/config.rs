@@ -9,6 +9,8 @@
 //!   max_json_body: 16777216    # bytes of a JSON request
 //!   request_timeout: 60        # seconds, for routes without a body stream or a run
 //!   shutdown_grace: 30         # seconds SIGTERM waits for in-flight runs and uploads
+//!   sweep_interval: 600        # seconds between sweeps of expired files and orphans (0: off)
+//!   sweep_grace: 3600          # an orphan must be this old before the sweeper removes it
 //! runs:
 //!   max_concurrent: 2          # VMs at once
 //!   max_queue: 32              # executions waiting for a slot; more get 429
@@ -64,6 +66,11 @@ pub struct ServerConfig {
     pub request_timeout: u64,
     /// Seconds SIGTERM waits for in-flight work before the server stops anyway.
     pub shutdown_grace: u64,
+    /// Seconds between sweeps of expired files, stale uploads and orphans (0: never).
+    pub sweep_interval: u64,
+    /// Seconds an object without a row (or a row without an object) must be old before the
+    /// sweeper removes it (a create in flight is younger).
+    pub sweep_grace: u64,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +82,8 @@ impl Default for ServerConfig {
             max_json_body: 16 << 20,
             request_timeout: 60,
             shutdown_grace: 30,
+            sweep_interval: 600,
+            sweep_grace: 3600,
         }
     }
 }

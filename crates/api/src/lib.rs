@@ -157,17 +157,39 @@ impl Server {
             let _ = stop_tx.send(true);
             let _ = signalled_tx.send(true);
         });
+        // The sweeper: expired files, uploads past their hour, orphans (several servers on one
+        // bucket and database may all sweep; the files crate makes that safe).
+        let interval = self.state.config.server.sweep_interval;
+        let sweeper = (interval > 0).then(|| {
+            let files = self.state.files.clone();
+            let grace = Duration::from_secs(self.state.config.server.sweep_grace);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(interval));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    match files.sweep(grace).await {
+                        Ok(r) => tracing::info!(report = ?r, "files swept"),
+                        Err(e) => tracing::warn!(error = %e, "files sweep failed; retrying at the next interval"),
+                    }
+                }
+            })
+        });
         let drain_deadline = async move {
             let _ = signalled_rx.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;
         };
-        tokio::select! {
+        let out = tokio::select! {
             r = server => r,
             () = drain_deadline => {
                 tracing::warn!("shutdown grace period over; stopping with requests still in flight (their VMs are stopped)");
                 Ok(())
             }
+        };
+        if let Some(s) = sweeper {
+            s.abort();
         }
+        out
     }
 }
 
