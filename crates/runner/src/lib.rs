@@ -938,6 +938,27 @@ pub fn check_timeout(timeout: Duration) -> Result<(), RunError> {
     Ok(())
 }
 
+/// Refuses environment variables the guest cannot set (empty names, `=` or NUL in a name, NUL
+/// in a value), before anything is fetched, built or booted.
+pub fn check_env(env: &BTreeMap<String, String>) -> Result<(), RunError> {
+    for (k, v) in env {
+        if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+            return Err(RunError::Usage(format!(
+                "environment variable {k:?} is not valid: names are non-empty without '=' or NUL, values without NUL"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses program arguments with NUL bytes (they cannot reach `execve`).
+pub fn check_args(args: &[String]) -> Result<(), RunError> {
+    if args.iter().any(|a| a.contains('\0')) {
+        return Err(RunError::Usage("arguments cannot contain NUL bytes".into()));
+    }
+    Ok(())
+}
+
 /// Refuses an empty program before anything is fetched, built or booted.
 pub fn check_code(code: &str) -> Result<(), RunError> {
     if code.trim().is_empty() {

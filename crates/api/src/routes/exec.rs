@@ -301,18 +301,9 @@ fn check_job(state: &AppState, req: ExecuteRequest) -> ApiResult<Job> {
         ));
     }
     let env = env.unwrap_or_default();
-    for (k, v) in &env {
-        if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
-            return Err(ApiError::bad(
-                "env",
-                format!("environment variable {k:?} is not valid: names are non-empty without '=' or NUL, values without NUL"),
-            ));
-        }
-    }
+    infra_runner::check_env(&env).map_err(|e| ApiError::bad("env", e.to_string()))?;
     let args = args.unwrap_or_default();
-    if args.iter().any(|a| a.contains('\0')) {
-        return Err(ApiError::bad("args", "arguments cannot contain NUL bytes"));
-    }
+    infra_runner::check_args(&args).map_err(|e| ApiError::bad("args", e.to_string()))?;
     let stdin = stdin.unwrap_or_default().into_bytes();
     let payload = code.len()
         + stdin.len()
