@@ -5,27 +5,10 @@
 
 mod common;
 
-use common::{Client, TestServer};
+use common::{create, md5_of, upload_form, TestServer};
 use reqwest::multipart::{Form, Part};
 use reqwest::Method;
-use serde_json::{json, Value};
-
-fn upload_form(name: &str, data: Vec<u8>, purpose: &str) -> Form {
-    Form::new()
-        .text("purpose", purpose.to_string())
-        .part("file", Part::bytes(data).file_name(name.to_string()))
-}
-
-async fn create(c: &Client, name: &str, data: &[u8], purpose: &str) -> Value {
-    let r = c
-        .send(
-            c.req(Method::POST, "/v1/files")
-                .multipart(upload_form(name, data.to_vec(), purpose)),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    r.json()
-}
+use serde_json::json;
 
 #[tokio::test]
 async fn health_openapi_and_unknown_routes() {
@@ -408,11 +391,6 @@ async fn uploads_in_parts_become_one_file() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["status"], "cancelled");
     s.shutdown().await.unwrap();
-}
-
-fn md5_of(b: &[u8]) -> String {
-    use md5::Digest;
-    hex::encode(md5::Md5::digest(b))
 }
 
 #[tokio::test]

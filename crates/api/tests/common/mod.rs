@@ -315,3 +315,31 @@ pub fn validate(doc: &Value, schema: &Value, value: &Value, what: &str) {
         "{what}: does not match the OpenAPI schema: {errors:?}\n{value}"
     );
 }
+
+/// A multipart body for `POST /v1/files`.
+pub fn upload_form(name: &str, data: Vec<u8>, purpose: &str) -> reqwest::multipart::Form {
+    reqwest::multipart::Form::new()
+        .text("purpose", purpose.to_string())
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(data).file_name(name.to_string()),
+        )
+}
+
+/// Uploads `data` as `name` and returns the file object (asserting 200).
+pub async fn create(c: &Client, name: &str, data: &[u8], purpose: &str) -> Value {
+    let r = c
+        .send(
+            c.req(reqwest::Method::POST, "/v1/files")
+                .multipart(upload_form(name, data.to_vec(), purpose)),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()
+}
+
+/// Hex md5 of `b`.
+pub fn md5_of(b: &[u8]) -> String {
+    use md5::Digest;
+    hex::encode(md5::Md5::digest(b))
+}
