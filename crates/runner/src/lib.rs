@@ -527,6 +527,8 @@ impl Runner {
         on_output: impl FnMut(Output),
     ) -> Result<RunOutcome, RunError> {
         check_code(&spec.code)?;
+        check_env(&spec.env)?;
+        check_args(&spec.argv)?;
         check_timeout(spec.timeout)?;
         check_files(spec)?;
         let started = Instant::now();
