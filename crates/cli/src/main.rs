@@ -8,6 +8,7 @@ mod outputs;
 mod rootfs;
 mod run;
 mod setup;
+mod snapshot;
 mod store;
 mod ui;
 
@@ -66,6 +67,9 @@ enum Command {
     Store(store::StoreCommand),
     /// Serve the HTTP API (execution, languages, images, OpenAI Files); manage its keys.
     Api(api::ApiArgs),
+    /// Save ready VMs (snapshots) that `run`, `host` and the API restore instead of booting.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
 }
 
 /// A missing prerequisite found by `setup --check` (exit code 4).
@@ -111,6 +115,7 @@ fn main() {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Rootfs(cmd) => rootfs::run(cmd, &paths).await.map(|()| 0),
+            Command::Snapshot(cmd) => snapshot::run(cmd, &paths).await.map(|()| 0),
             Command::Run(a) => run::run(a, &paths).await,
             Command::Host(a) => run::host(a, &paths).await,
             Command::Kernel(cmd) => kernel::run(cmd, &paths).map(|()| 0),

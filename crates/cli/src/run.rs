@@ -97,7 +97,7 @@ impl VmArgs {
         paths: &Paths,
         lang: &infra_languages::Language,
         runner: &Runner,
-    ) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    ) -> Result<prepare::VmFiles> {
         let f = prepare::vm_files(
             paths,
             lang,
@@ -106,7 +106,7 @@ impl VmArgs {
             std::sync::Arc::new(TerminalProgress::on_stderr()),
         )
         .await?;
-        Ok((f.kernel, f.initramfs, f.rootfs))
+        Ok(f)
     }
 }
 
@@ -126,6 +126,11 @@ names and replace files of the same name; a symlink in DIR is never followed (a 
 through one is refused). At most 1000 files, 1 GiB each and 1 GiB in all come back; the rest are
 listed as skipped (--json: output_files_skipped). Outputs are collected after a timeout or a
 failing program too.
+
+Start: when `snapshot create --lang L` has saved a ready VM of the language with the same image,
+kernel, agent, --mem and --vcpus, the run restores it (made unique: fresh entropy and the clock
+are pushed into the guest first) instead of booting; --json reports start \"restore\" or \"boot\",
+and start_note says why a snapshot was not used. --cold always boots.
 
 The program's exit code is this command's exit code (124 on timeout). When the sandbox itself
 fails (no kernel, VM did not boot), the exit code is 125 and the reason is on stderr.")]
@@ -173,6 +178,9 @@ pub struct RunArgs {
     /// Bring the files the program writes under output/ back into DIR (see below).
     #[arg(long, value_name = "DIR")]
     output_dir: Option<PathBuf>,
+    /// Boot the kernel even when a snapshot of the language exists (`snapshot create`).
+    #[arg(long)]
+    cold: bool,
     #[command(flatten)]
     vm: VmArgs,
 }
@@ -219,6 +227,9 @@ pub struct HostArgs {
     /// Guest vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
+    /// Boot the kernel even when a snapshot of the language exists (`snapshot create`).
+    #[arg(long)]
+    cold: bool,
     #[command(flatten)]
     vm: VmArgs,
 }
@@ -259,7 +270,8 @@ pub async fn run(a: RunArgs, paths: &Paths) -> Result<i32> {
         .map(crate::outputs::OutputDir::prepare)
         .transpose()?;
     let runner = a.vm.runner(paths)?;
-    let (kernel, initramfs, rootfs) = a.vm.prepare(paths, &lang, &runner).await?;
+    let f = a.vm.prepare(paths, &lang, &runner).await?;
+    let initramfs = f.initramfs;
     let spec = RunSpec {
         lang: lang.key.clone(),
         code,
@@ -271,10 +283,11 @@ pub async fn run(a: RunArgs, paths: &Paths) -> Result<i32> {
         mem_mib: a.mem,
         vcpus: a.vcpus,
         max_pids: a.max_pids,
-        rootfs,
-        kernel,
+        rootfs: f.rootfs,
+        kernel: f.kernel,
         files,
         outputs: out_dir.as_ref().map(|o| o.limits()),
+        snapshot: f.snapshot.filter(|_| !a.cold),
     };
     let stream = !a.json;
     let run = runner.run(&spec, &initramfs, |o| {
@@ -305,6 +318,9 @@ pub async fn run(a: RunArgs, paths: &Paths) -> Result<i32> {
 
 /// Tells on stderr what the exit code alone does not (timeouts, truncation, compile errors).
 fn report_status(o: &RunOutcome) {
+    if let Some(n) = &o.start_note {
+        eprintln!("infra.operator: booted instead of restoring: {n}");
+    }
     if o.timed_out {
         eprintln!("infra.operator: timed out; the program was killed (exit code 124)");
     }
@@ -338,7 +354,8 @@ pub async fn host(a: HostArgs, paths: &Paths) -> Result<i32> {
     infra_runner::check_timeout(Duration::from_secs(a.timeout))?;
     let lang = prepare::language(&a.lang)?;
     let runner = a.vm.runner(paths)?;
-    let (kernel, initramfs, rootfs) = a.vm.prepare(paths, &lang, &runner).await?;
+    let f = a.vm.prepare(paths, &lang, &runner).await?;
+    let initramfs = f.initramfs;
     let spec = RunSpec {
         lang: lang.key.clone(),
         code: a.code,
@@ -350,10 +367,11 @@ pub async fn host(a: HostArgs, paths: &Paths) -> Result<i32> {
         mem_mib: a.mem,
         vcpus: a.vcpus,
         max_pids: infra_runner::DEFAULT_MAX_PIDS,
-        rootfs,
-        kernel,
+        rootfs: f.rootfs,
+        kernel: f.kernel,
         files: Vec::new(),
         outputs: None,
+        snapshot: f.snapshot.filter(|_| !a.cold),
     };
     let outcome = until_interrupted(runner.run(&spec, &initramfs, |_| {})).await??;
     println!("=== Execution Result ===");
@@ -426,7 +444,12 @@ const IMAGE_MOUNT: &str = "/mnt/image";
 pub async fn verify(a: VerifyArgs, paths: &Paths) -> Result<()> {
     let lang = prepare::language(&a.lang)?;
     let runner = a.vm.runner(paths)?;
-    let (kernel, initramfs, rootfs) = a.vm.prepare(paths, &lang, &runner).await?;
+    let prepare::VmFiles {
+        kernel,
+        initramfs,
+        rootfs,
+        ..
+    } = a.vm.prepare(paths, &lang, &runner).await?;
     if !a.json {
         println!("Verifying {} ({}) ...", rootfs.display(), lang.name);
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use infra_protocol::{
     read_message_async, write_message_async, ErrorCode, Exec, FrameError, Reply, Request,
-    RequestBody, FEATURE_FILE_TRANSFER, MAX_FRAME, PROTOCOL_VERSION,
+    RequestBody, FEATURE_FILE_TRANSFER, FEATURE_RESEED, MAX_FRAME, PROTOCOL_VERSION,
 };
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -127,6 +127,8 @@ enum Bound {
 
 struct Shared {
     executor: Executor,
+    /// The agent is its machine's init: it may reseed the RNG and set the clock.
+    pid1: bool,
     workspace: PathBuf,
     run_as: Option<(u32, u32)>,
     shutdown: watch::Sender<Option<ShutdownKind>>,
@@ -246,6 +248,7 @@ impl Agent {
         Ok(Agent {
             shared: Arc::new(Shared {
                 executor,
+                pid1,
                 workspace: opts.workspace,
                 run_as,
                 shutdown,
@@ -405,7 +408,9 @@ async fn accept_loop(shared: Arc<Shared>, bound: Bound) {
                     tracing::warn!(dev = %dev.display(), error = %e, "cannot open serial port")
                 }
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // The port reads EOF (and polls as hung up) while no host is connected, so it is
+            // polled; briefly, as a VM restored from a snapshot waits here for its host.
+            tokio::time::sleep(Duration::from_millis(10)).await;
         },
     }
 }
@@ -553,7 +558,11 @@ async fn handle_conn(
                         version: PROTOCOL_VERSION,
                         agent_version: AGENT_VERSION.to_string(),
                         languages: shared.executor.languages().to_vec(),
-                        features: vec![FEATURE_FILE_TRANSFER.to_string()],
+                        features: if shared.pid1 {
+                            vec![FEATURE_FILE_TRANSFER.to_string(), FEATURE_RESEED.to_string()]
+                        } else {
+                            vec![FEATURE_FILE_TRANSFER.to_string()]
+                        },
                     }
                 } else {
                     Reply::error(
@@ -609,6 +618,29 @@ async fn handle_conn(
                 }),
                 RequestBody::Signal(s) => {
                     let reply = signal_exec(&inflight, id, s.target, s.signal);
+                    let _ = reply_tx.send(reply).await;
+                }
+                RequestBody::Reseed(r) => {
+                    let reply = if !shared.pid1 {
+                        Reply::error(
+                            Some(id),
+                            ErrorCode::BadRequest,
+                            "reseed is only done by an agent that is its machine's init (it sets the clock)",
+                        )
+                    } else {
+                        match tokio::task::spawn_blocking(move || {
+                            crate::reseed::reseed(&r.entropy, r.unix_nanos)
+                        })
+                        .await
+                        {
+                            Ok(Ok(())) => Reply::Ok { id },
+                            Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                                Reply::error(Some(id), ErrorCode::BadRequest, e.to_string())
+                            }
+                            Ok(Err(e)) => Reply::error(Some(id), ErrorCode::Io, e.to_string()),
+                            Err(e) => Reply::error(Some(id), ErrorCode::Internal, e.to_string()),
+                        }
+                    };
                     let _ = reply_tx.send(reply).await;
                 }
                 RequestBody::Shutdown(s) => {

@@ -24,6 +24,7 @@ pub mod initramfs;
 mod listen;
 mod pid1;
 mod reaper;
+mod reseed;
 
 pub use agent::{
     run_agent, Agent, AgentOptions, ShutdownHandle, ShutdownKind, AGENT_VERSION, DEFAULT_RUN_AS,

@@ -14,6 +14,13 @@ use crate::TIMEOUT_EXIT_CODE;
 /// `unknown_type` or `path_refused` to the rest.
 pub const FEATURE_FILE_TRANSFER: &str = "file_transfer";
 
+/// Feature named in `hello_reply.features` by agents that accept [`Reseed`]: only an agent
+/// that is its machine's init (PID 1) does, since it sets the machine's clock.
+pub const FEATURE_RESEED: &str = "reseed";
+
+/// Bytes of entropy a [`Reseed`] carries at most.
+pub const MAX_RESEED_BYTES: usize = 512;
+
 /// Directories deeper than this below the listed one are not entered by [`ListFiles`].
 pub const MAX_LIST_DEPTH: usize = 16;
 
@@ -54,6 +61,9 @@ pub enum RequestBody {
     Signal(Signal),
     /// Stop the agent (and, in PID-1 mode, the machine).
     Shutdown(Shutdown),
+    /// After a snapshot restore: mix fresh entropy into the kernel's RNG, reseed it, and set
+    /// the wall clock (agents with [`FEATURE_RESEED`]).
+    Reseed(Reseed),
 }
 
 /// Handshake request.
@@ -225,6 +235,18 @@ pub struct Shutdown {
     /// or QEMU `-no-reboot` this also ends the VM). As a plain service the agent only stops.
     #[serde(default = "default_true")]
     pub poweroff: bool,
+}
+
+/// Make a restored machine unique: `entropy` goes into the kernel's input pool
+/// (`RNDADDENTROPY`, credited), the CRNG is reseeded at once (`RNDRESEEDCRNG`), and
+/// `CLOCK_REALTIME` is set to `unix_nanos`. Answered with `ok` once all three are done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reseed {
+    /// Random bytes from the host (1 to [`MAX_RESEED_BYTES`]).
+    #[serde(with = "crate::b64")]
+    pub entropy: Vec<u8>,
+    /// The host's wall clock, nanoseconds since the Unix epoch.
+    pub unix_nanos: u64,
 }
 
 fn default_true() -> bool {
@@ -526,6 +548,7 @@ impl Message for Request {
         "make_dir",
         "signal",
         "shutdown",
+        "reseed",
     ];
 }
 

@@ -96,6 +96,13 @@ fn examples() -> Vec<(&'static str, serde_json::Value)> {
                 mode: 0o755,
             }),
         ),
+        (
+            "request.reseed",
+            RequestBody::Reseed(Reseed {
+                entropy: vec![7; 16],
+                unix_nanos: 1_764_720_000_123_456_789,
+            }),
+        ),
     ];
     let replies = [
         (

@@ -16,8 +16,8 @@ use std::collections::HashSet;
 
 use infra_protocol::{
     check_relative_path, read_message_async_strict, write_message_async, Exec, Exit, FileEntry,
-    GetFile, Hello, ListFiles, MakeDir, PutFile, Reply, Request, RequestBody, Shutdown,
-    FEATURE_FILE_TRANSFER, MAX_COMPILE_OUTPUT, PROTOCOL_VERSION, TRUNCATION_MARKER,
+    GetFile, Hello, ListFiles, MakeDir, PutFile, Reply, Request, RequestBody, Reseed, Shutdown,
+    FEATURE_FILE_TRANSFER, FEATURE_RESEED, MAX_COMPILE_OUTPUT, PROTOCOL_VERSION, TRUNCATION_MARKER,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
@@ -241,6 +241,12 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
         }
     }
 
+    /// Ends the connection from this side (the agent sees the host go away and waits for
+    /// the next one). Errors are ignored: the connection is being dropped either way.
+    pub async fn close(&mut self) {
+        let _ = self.writer.shutdown().await;
+    }
+
     /// Sends `token` in `hello` (an agent on a non-loopback TCP address requires it).
     pub fn with_token(mut self, token: Option<String>) -> Self {
         self.token = token;
@@ -430,6 +436,17 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
             }
             .into()),
         }
+    }
+
+    /// Makes a VM restored from a snapshot unique: `entropy` into the guest kernel's RNG
+    /// (reseeded at once) and its wall clock set to `unix_nanos`.
+    pub async fn reseed(&mut self, entropy: Vec<u8>, unix_nanos: u64) -> Result<(), RunError> {
+        self.require(FEATURE_RESEED)?;
+        self.expect_ok(RequestBody::Reseed(Reseed {
+            entropy,
+            unix_nanos,
+        }))
+        .await
     }
 
     /// Creates the directory `path` in the workspace (with its parents) for the user code runs

@@ -119,6 +119,16 @@ pub enum RunError {
     /// A host directory (run, cache) is another user's or writable by others.
     #[error(transparent)]
     HostDir(#[from] infra_config::DirError),
+    /// A snapshot cannot be used (missing, from other files or another host, corrupted).
+    #[error("snapshot {dir} cannot be used: {reason}; recreate it with `infra.operator snapshot create --lang {lang}`")]
+    Snapshot {
+        /// The snapshot directory.
+        dir: std::path::PathBuf,
+        /// Its language.
+        lang: String,
+        /// Why, in a few words.
+        reason: String,
+    },
     /// A prerequisite is missing (VMM binary, image).
     #[error("{0}")]
     Prerequisite(String),
@@ -254,6 +264,7 @@ impl RunError {
             | Self::Protocol { .. }
             | Self::Refused { .. }
             | Self::FileTooLarge { .. } => K::Sandbox,
+            Self::Snapshot { .. } => K::Refused,
             Self::VersionMismatch { .. } | Self::AgentTooOld { .. } | Self::Prerequisite(_) => {
                 K::Prerequisite
             }

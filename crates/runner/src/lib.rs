@@ -22,6 +22,7 @@
 mod client;
 mod error;
 pub mod prepare;
+pub mod snapshot;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -158,6 +159,9 @@ pub struct RunSpec {
     pub files: Vec<InputFile>,
     /// Bring back what the program writes under `output/`; `None` leaves it in the VM.
     pub outputs: Option<OutputLimits>,
+    /// A snapshot directory to restore from when it fits this run (see [`snapshot`]);
+    /// `None` cold-boots.
+    pub snapshot: Option<PathBuf>,
 }
 
 /// The workspace directory whose files come back ([`RunSpec::outputs`]); it exists, empty and
@@ -242,7 +246,13 @@ pub struct RunOutcome {
     pub exec_time: f64,
     /// Language key.
     pub lang: String,
-    /// Boot-to-ready time, seconds.
+    /// `restore` (from a snapshot) or `boot` (cold).
+    #[serde(default)]
+    pub start: String,
+    /// Why a snapshot was not used, when one was asked for and the run cold-booted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_note: Option<String>,
+    /// VMM start to ready agent (restored and reseeded, or booted), seconds.
     pub boot_time: f64,
     /// Whole run, seconds.
     pub total_time: f64,
@@ -275,6 +285,29 @@ pub struct RunOutcome {
     /// one listing carries); those are neither downloaded nor named.
     #[serde(default)]
     pub output_files_truncated: bool,
+}
+
+/// What `snapshot create` saves.
+#[derive(Debug, Clone)]
+pub struct SnapshotRequest {
+    /// Language key.
+    pub lang: String,
+    /// Kernel.
+    pub kernel: PathBuf,
+    /// Initramfs (with the agent).
+    pub initramfs: PathBuf,
+    /// Image.
+    pub rootfs: PathBuf,
+    /// Guest memory (MiB); restores must ask for the same.
+    pub mem_mib: u32,
+    /// Guest vCPUs; restores must ask for the same.
+    pub vcpus: u8,
+    /// A program run before saving (e.g. importing heavy modules, to warm the page cache).
+    pub warmup: Option<String>,
+    /// Its time limit.
+    pub warmup_timeout: Duration,
+    /// The snapshot directory (`<home>/snapshots/<lang>`).
+    pub dir: PathBuf,
 }
 
 /// A booted VM with a connected, greeted agent.
@@ -469,15 +502,7 @@ impl Runner {
                 "--mem {mem_mib} is too small: the initramfs alone is {initramfs_mib} MiB; use at least {floor}"
             )));
         }
-        let cfg = VmConfig {
-            kernel: kernel.to_path_buf(),
-            initramfs: initramfs.to_path_buf(),
-            rootfs: rootfs.to_path_buf(),
-            mem_mib,
-            vcpus,
-            extra_args: self.opts.extra_args.clone(),
-            run_dir: self.opts.run_dir.clone(),
-        };
+        let cfg = self.vm_config(kernel, initramfs, rootfs, mem_mib, vcpus);
         let candidates = self.candidates()?;
         let last = candidates.len() - 1;
         for (i, backend) in candidates.into_iter().enumerate() {
@@ -517,6 +542,271 @@ impl Runner {
         unreachable!("the last candidate returns")
     }
 
+    fn vm_config(
+        &self,
+        kernel: &Path,
+        initramfs: &Path,
+        rootfs: &Path,
+        mem_mib: u32,
+        vcpus: u8,
+    ) -> VmConfig {
+        VmConfig {
+            kernel: kernel.to_path_buf(),
+            initramfs: initramfs.to_path_buf(),
+            rootfs: rootfs.to_path_buf(),
+            mem_mib,
+            vcpus,
+            extra_args: self.opts.extra_args.clone(),
+            run_dir: self.opts.run_dir.clone(),
+        }
+    }
+
+    /// Restores a ready VM for `spec` from the snapshot in `dir`: the manifest must fit the
+    /// run on one of this runner's backends and every state file must match its sha256; the
+    /// VM is then restored, greeted, and made unique (entropy and clock) before it is handed
+    /// out. On any failure nothing is left running.
+    pub async fn restore(
+        &self,
+        spec: &RunSpec,
+        initramfs: &Path,
+        dir: &Path,
+    ) -> Result<ReadyVm, RunError> {
+        let refuse = |reason: String| RunError::Snapshot {
+            dir: dir.to_path_buf(),
+            lang: spec.lang.clone(),
+            reason,
+        };
+        let manifest = snapshot::read_manifest(dir).map_err(refuse)?;
+        let cfg = self.vm_config(
+            &spec.kernel,
+            initramfs,
+            &spec.rootfs,
+            spec.mem_mib,
+            spec.vcpus,
+        );
+        let mut reasons = Vec::new();
+        let mut chosen = None;
+        for backend in self.candidates()? {
+            let want = snapshot::expected(&self.cache, &spec.lang, &backend, &cfg)?;
+            match manifest.mismatch(&want) {
+                None => {
+                    chosen = Some(backend);
+                    break;
+                }
+                Some(r) => reasons.push(r),
+            }
+        }
+        let Some(backend) = chosen else {
+            return Err(refuse(reasons.join("; ")));
+        };
+        snapshot::verify_files(&self.cache, dir, &manifest).map_err(refuse)?;
+        let started = Instant::now();
+        let mut vm = backend.restore(&cfg, dir).await?;
+        let endpoint = vm.endpoint().clone();
+        let greet = async move {
+            let stream = loop {
+                match endpoint.connect().await {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        tracing::trace!(error = %e, "agent not reachable yet");
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            };
+            let mut client = AgentClient::new(stream);
+            let info = client.hello().await?;
+            let (entropy, now) = snapshot::reseed_material();
+            client.reseed(entropy, now).await?;
+            Ok::<_, RunError>((client, info))
+        };
+        let limit = self.opts.boot_timeout;
+        let accel = vm.accel().to_string();
+        let name = backend.name();
+        match watch_vm(&mut vm, limit, greet, |vm| {
+            infra_vmm::VmError::BootTimeout {
+                secs: limit.as_secs(),
+                backend: name,
+                accel,
+                console: vm.console_tail(15),
+            }
+            .into()
+        })
+        .await
+        {
+            Ok((client, info)) => Ok(ReadyVm {
+                vm,
+                client,
+                info,
+                boot: started.elapsed(),
+            }),
+            Err(e) => {
+                let _ = vm.stop().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Boots a VM for `req`, waits for its agent, runs the optional warm-up, and saves it as
+    /// the snapshot `req.dir` (written beside it and renamed into place; an existing snapshot
+    /// is replaced only once the new one is complete). The VM is stopped afterwards.
+    pub async fn create_snapshot(
+        &self,
+        req: &SnapshotRequest,
+    ) -> Result<snapshot::SnapshotManifest, RunError> {
+        let parent = req.dir.parent().ok_or_else(|| {
+            RunError::Usage(format!("{} has no parent directory", req.dir.display()))
+        })?;
+        infra_config::ensure_dir(parent, 0o755)?;
+        let cfg = self.vm_config(
+            &req.kernel,
+            &req.initramfs,
+            &req.rootfs,
+            req.mem_mib,
+            req.vcpus,
+        );
+        let ready = self
+            .boot(
+                &req.kernel,
+                &req.initramfs,
+                &req.rootfs,
+                req.mem_mib,
+                req.vcpus,
+            )
+            .await?;
+        let ReadyVm {
+            mut vm,
+            mut client,
+            info,
+            boot,
+        } = ready;
+        let result = self
+            .save_ready(&mut vm, &mut client, &info, boot, req, &cfg, parent)
+            .await;
+        let _ = vm.stop().await;
+        let (tmp, manifest) = result?;
+        // Swap: the old snapshot (if any) aside, the new one in, the old one removed.
+        let old = parent.join(format!(
+            ".old-{}-{}",
+            req.lang,
+            uuid::Uuid::new_v4().simple()
+        ));
+        let had_old = req.dir.exists();
+        if had_old {
+            std::fs::rename(&req.dir, &old).map_err(|e| {
+                RunError::Prerequisite(format!(
+                    "cannot move the old snapshot {} aside: {e}",
+                    req.dir.display()
+                ))
+            })?;
+        }
+        let tmp = tmp.keep();
+        if let Err(e) = std::fs::rename(&tmp, &req.dir) {
+            if had_old {
+                let _ = std::fs::rename(&old, &req.dir);
+            }
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(RunError::Prerequisite(format!(
+                "cannot move the new snapshot into {}: {e}",
+                req.dir.display()
+            )));
+        }
+        let _ = infra_config::fsync_dir(parent);
+        if had_old {
+            let _ = std::fs::remove_dir_all(&old);
+        }
+        Ok(manifest)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn save_ready(
+        &self,
+        vm: &mut Vm,
+        client: &mut AgentClient<UnixStream>,
+        info: &AgentInfo,
+        boot: Duration,
+        req: &SnapshotRequest,
+        cfg: &VmConfig,
+        parent: &Path,
+    ) -> Result<(tempfile::TempDir, snapshot::SnapshotManifest), RunError> {
+        if !client.supports(infra_protocol::FEATURE_RESEED) {
+            return Err(RunError::AgentTooOld {
+                agent_version: info.agent_version.clone(),
+                feature: "reseed (restored VMs could not be made unique)",
+            });
+        }
+        if let Some(code) = &req.warmup {
+            let mut exec = Exec::new(&req.lang, code);
+            exec.timeout_ms = req.warmup_timeout.as_millis() as u64;
+            let exit = client.exec(exec, |_| {}).await?;
+            if exit.status != infra_protocol::ExecStatus::Success {
+                return Err(RunError::Usage(format!(
+                    "the warm-up program ended with {} (exit code {}); fix it or leave --warmup out",
+                    exit.status.as_str(),
+                    exit.shell_exit_code()
+                )));
+            }
+        }
+        let backend_name = vm.backend();
+        let backend = self
+            .candidates()?
+            .into_iter()
+            .find(|b| b.name() == backend_name && snapshot::accel_of(b).to_string() == vm.accel())
+            .ok_or_else(|| {
+                RunError::Prerequisite("the backend that booted the VM is gone".into())
+            })?;
+        let want = snapshot::expected(&self.cache, &req.lang, &backend, cfg)?;
+        // The agent goes back to waiting for a host: the saved VM is one that no host is
+        // talking to, and the restored one waits for its own.
+        client.close().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".new-{}-", req.lang))
+            .tempdir_in(parent)
+            .map_err(|e| {
+                RunError::Prerequisite(format!(
+                    "cannot create a directory in {}: {e}",
+                    parent.display()
+                ))
+            })?;
+        let names = vm.save_snapshot(tmp.path()).await?;
+        let mut files = std::collections::BTreeMap::new();
+        for name in names {
+            let path = tmp.path().join(name);
+            let bytes = std::fs::metadata(&path)
+                .map_err(|e| RunError::Prerequisite(format!("{}: {e}", path.display())))?
+                .len();
+            let sha256 = snapshot::cached_sha256(&self.cache, &path)
+                .map_err(|e| RunError::Prerequisite(format!("{}: {e}", path.display())))?;
+            files.insert(name.to_string(), snapshot::FileDigest { bytes, sha256 });
+        }
+        let manifest = snapshot::SnapshotManifest {
+            format: snapshot::SNAPSHOT_FORMAT,
+            lang: req.lang.clone(),
+            backend: want.backend,
+            backend_version: want.backend_version,
+            accel: want.accel,
+            cpu: want.cpu,
+            cpu_flags_sha256: want.cpu_flags_sha256,
+            kernel_sha256: want.kernel_sha256,
+            initramfs_sha256: want.initramfs_sha256,
+            image_sha256: want.image_sha256,
+            agent_version: info.agent_version.clone(),
+            mem_mib: req.mem_mib,
+            vcpus: req.vcpus,
+            boot_args: want.boot_args,
+            warmup: req.warmup.clone(),
+            created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            boot_secs: boot.as_secs_f64(),
+            files,
+        };
+        infra_config::write_atomic(
+            &tmp.path().join(snapshot::MANIFEST),
+            &serde_json::to_vec_pretty(&manifest).unwrap_or_default(),
+        )
+        .map_err(|e| RunError::Prerequisite(format!("cannot write the snapshot manifest: {e}")))?;
+        Ok((tmp, manifest))
+    }
+
     /// Boots a VM for `spec`, places its input files, runs the program, streams its output to
     /// `on_output`, brings its output files back (see the crate doc), and tears the VM down
     /// (also when anything fails).
@@ -533,15 +823,36 @@ impl Runner {
         check_files(spec)?;
         let started = Instant::now();
         let trace_id = format!("tr-{}", uuid::Uuid::new_v4().simple());
-        let mut ready = self
-            .boot(
-                &spec.kernel,
-                initramfs,
-                &spec.rootfs,
-                spec.mem_mib,
-                spec.vcpus,
-            )
-            .await?;
+        let mut start_note = None;
+        let restored = match &spec.snapshot {
+            Some(dir) => match self.restore(spec, initramfs, dir).await {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "not restoring from the snapshot; booting");
+                    start_note = Some(e.to_string());
+                    None
+                }
+            },
+            None => None,
+        };
+        let start = if restored.is_some() {
+            "restore"
+        } else {
+            "boot"
+        };
+        let mut ready = match restored {
+            Some(r) => r,
+            None => {
+                self.boot(
+                    &spec.kernel,
+                    initramfs,
+                    &spec.rootfs,
+                    spec.mem_mib,
+                    spec.vcpus,
+                )
+                .await?
+            }
+        };
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
         let result = converse(&mut ready, spec, &mut stdout, &mut stderr, on_output).await;
@@ -565,6 +876,8 @@ impl Runner {
             exit_code: exit.shell_exit_code(),
             exec_time: exit.wall_ms as f64 / 1000.0,
             lang: spec.lang.clone(),
+            start: start.to_string(),
+            start_note,
             boot_time: ready.boot.as_secs_f64(),
             total_time: started.elapsed().as_secs_f64(),
             backend,
@@ -1076,6 +1389,7 @@ mod tests {
             kernel: PathBuf::new(),
             files,
             outputs,
+            snapshot: None,
         }
     }
 

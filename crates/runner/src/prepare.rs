@@ -130,6 +130,9 @@ pub struct VmFiles {
     pub initramfs: PathBuf,
     /// The language's root filesystem image.
     pub rootfs: PathBuf,
+    /// The language's snapshot directory, when it holds a snapshot (`run` restores from it
+    /// when it fits, see [`crate::snapshot`]).
+    pub snapshot: Option<PathBuf>,
 }
 
 /// Files a caller names instead of the defaults.
@@ -180,10 +183,16 @@ pub async fn vm_files(
             lang.key
         )));
     }
+    let snap = crate::snapshot::snapshot_dir(&paths.home, &lang.key);
+    let snapshot = snap
+        .join(crate::snapshot::MANIFEST)
+        .exists()
+        .then_some(snap);
     Ok(VmFiles {
         kernel,
         initramfs,
         rootfs,
+        snapshot,
     })
 }
 

@@ -98,6 +98,14 @@ pub enum VmError {
         /// Tail of the serial console, with its heading (empty when the guest printed nothing).
         console: String,
     },
+    /// Saving or restoring a VM's state failed.
+    #[error("{backend} snapshot failed: {detail}")]
+    Snapshot {
+        /// `qemu` or `firecracker`.
+        backend: &'static str,
+        /// What happened, with the VMM's own words.
+        detail: String,
+    },
     /// The run directory is another user's or writable by others.
     #[error(transparent)]
     HostDir(#[from] infra_config::DirError),
@@ -144,7 +152,8 @@ impl VmError {
             Self::Start { .. }
             | Self::Api { .. }
             | Self::BootTimeout { .. }
-            | Self::Exited { .. } => K::Sandbox,
+            | Self::Exited { .. }
+            | Self::Snapshot { .. } => K::Sandbox,
             Self::HostDir(e) => e.kind(),
             Self::Io { .. } => K::Failure,
         }

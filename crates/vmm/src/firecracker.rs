@@ -269,6 +269,11 @@ pub struct Firecracker {
     pub jailer: Option<Jailer>,
 }
 
+/// The device state file of a Firecracker snapshot.
+pub const STATE_FILE: &str = "vmstate.snapshot";
+/// The guest memory file of a Firecracker snapshot.
+pub const MEMORY_FILE: &str = "mem.snapshot";
+
 /// One API call: method, path, JSON body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiCall {
@@ -312,17 +317,27 @@ impl Firecracker {
 
     /// The API calls that configure and start a VM, in order.
     pub fn api_calls(cfg: &VmConfig, p: &GuestPaths) -> Vec<ApiCall> {
+        Self::api_calls_with(Some(cfg), p)
+    }
+
+    /// Logging and metrics, then (with `cfg`) the machine, boot source, drive, vsock, start.
+    fn api_calls_with(cfg: Option<&VmConfig>, p: &GuestPaths) -> Vec<ApiCall> {
         let put = |path: &str, body: Value| ApiCall {
             method: "PUT",
             path: path.to_string(),
             body,
         };
-        vec![
+        let mut calls = vec![
             put(
                 "/logger",
                 json!({"log_path": p.log, "level": "Warning", "show_level": true, "show_log_origin": false}),
             ),
             put("/metrics", json!({"metrics_path": p.metrics})),
+        ];
+        let Some(cfg) = cfg else {
+            return calls;
+        };
+        calls.extend([
             put(
                 "/machine-config",
                 json!({"vcpu_count": cfg.vcpus, "mem_size_mib": cfg.mem_mib, "smt": false}),
@@ -351,7 +366,51 @@ impl Firecracker {
                 json!({"guest_cid": GUEST_CID, "uds_path": p.vsock}),
             ),
             put("/actions", json!({"action_type": "InstanceStart"})),
+        ]);
+        calls
+    }
+
+    /// The API calls that load a snapshot into a fresh Firecracker and resume it: logging,
+    /// then `PUT /snapshot/load` (no machine configuration: it comes from the snapshot).
+    pub fn restore_calls(p: &GuestPaths) -> Vec<ApiCall> {
+        let dir = p.log.parent().unwrap_or(Path::new("/"));
+        let mut calls = Self::api_calls_logging(p);
+        calls.push(ApiCall {
+            method: "PUT",
+            path: "/snapshot/load".into(),
+            body: json!({
+                "snapshot_path": dir.join(STATE_FILE),
+                "mem_backend": {"backend_type": "File", "backend_path": dir.join(MEMORY_FILE)},
+                "enable_diff_snapshots": false,
+                "resume_vm": true,
+            }),
+        });
+        calls
+    }
+
+    /// The API calls that pause a VM and write a full snapshot of it into `dir` (a directory
+    /// as Firecracker sees it).
+    pub fn snapshot_calls(dir: &Path) -> Vec<ApiCall> {
+        vec![
+            ApiCall {
+                method: "PATCH",
+                path: "/vm".into(),
+                body: json!({"state": "Paused"}),
+            },
+            ApiCall {
+                method: "PUT",
+                path: "/snapshot/create".into(),
+                body: json!({
+                    "snapshot_type": "Full",
+                    "snapshot_path": dir.join(STATE_FILE),
+                    "mem_file_path": dir.join(MEMORY_FILE),
+                }),
+            },
         ]
+    }
+
+    fn api_calls_logging(p: &GuestPaths) -> Vec<ApiCall> {
+        Self::api_calls_with(None, p)
     }
 
     /// The jailer's argv and the jail directory it will create (`<base>/<exec name>/<id>`),
@@ -395,6 +454,25 @@ impl Firecracker {
 
     /// Starts Firecracker, configures the VM through the API and starts it.
     pub async fn start(&self, cfg: &VmConfig) -> Result<Vm, VmError> {
+        self.launch(cfg, None).await
+    }
+
+    /// Starts a VM from a snapshot in `snapshot_dir` ([`STATE_FILE`] and [`MEMORY_FILE`],
+    /// written by [`Vm::save_snapshot`] from a VM of the same `cfg`): the files are placed in
+    /// a fresh jail and loaded with `PUT /snapshot/load` (resumed). Needs the jailer: a
+    /// snapshot records the paths of the drive and the vsock socket, which only a jail keeps
+    /// the same from one VM to the next.
+    pub async fn restore(&self, cfg: &VmConfig, snapshot_dir: &Path) -> Result<Vm, VmError> {
+        if self.jailer.is_none() {
+            return Err(VmError::Snapshot {
+                backend: "firecracker",
+                detail: "restoring needs the jailer (a snapshot records the drive and vsock paths, which only a jail keeps stable); install `jailer` beside `firecracker`".into(),
+            });
+        }
+        self.launch(cfg, Some(snapshot_dir)).await
+    }
+
+    async fn launch(&self, cfg: &VmConfig, restore: Option<&Path>) -> Result<Vm, VmError> {
         let dir = vm_dir(&cfg.run_dir)?;
         let id = format!(
             "{JAIL_PREFIX}{}-{}",
@@ -479,6 +557,11 @@ impl Firecracker {
                     std::fs::File::create(&p).map_err(|e| VmError::io("create log files", e))?;
                     crate::uid::chown(&p, uid)?;
                 }
+                if let Some(snap) = restore {
+                    for name in [STATE_FILE, MEMORY_FILE] {
+                        crate::uid::place_for(&snap.join(name), &root.join(name), uid)?;
+                    }
+                }
                 let mut cmd = Command::new(&j.binary);
                 cmd.args(&argv);
                 let g = GuestPaths {
@@ -500,6 +583,11 @@ impl Firecracker {
             }
         };
         check_socket_path(&api_sock)?;
+        // Where Firecracker's files are on the host (the jail root, else the VM directory).
+        let files_host = jail_root
+            .as_ref()
+            .map(|(root, _)| root.clone())
+            .unwrap_or_else(|| dir.path().to_path_buf());
         let child = spawn(cmd, &console).map_err(|e| VmError::Start {
             backend: "firecracker",
             detail: format!("cannot run {}: {e}", self.binary.display()),
@@ -549,7 +637,11 @@ impl Firecracker {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        for call in Self::api_calls(cfg, &guest) {
+        let calls = match restore {
+            None => Self::api_calls(cfg, &guest),
+            Some(_) => Self::restore_calls(&guest),
+        };
+        for call in calls {
             if let Err(e) = api_request(&api_sock, &call).await {
                 child.start_kill();
                 let extra = said(&console);
@@ -579,6 +671,15 @@ impl Firecracker {
             endpoint: AgentEndpoint::HybridVsock {
                 uds: host_vsock,
                 port: AGENT_PORT,
+            },
+            control: crate::vm::Control::Firecracker {
+                api: api_sock,
+                files: files_host,
+                guest_dir: guest
+                    .log
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("/")),
             },
             _jail: jail_guard,
             _uid: lease,

@@ -17,6 +17,7 @@ pub mod kernel;
 pub mod modules;
 mod process;
 pub mod qemu;
+mod qmp;
 pub mod uid;
 mod vm;
 pub mod vmlinux;
@@ -42,6 +43,19 @@ impl Backend {
         match self {
             Backend::Firecracker(f) => f.start(cfg).await,
             Backend::Qemu(q) => q.start(cfg).await,
+        }
+    }
+
+    /// Starts a VM from a snapshot saved by [`Vm::save_snapshot`] from a VM of the same
+    /// `cfg` on the same backend.
+    pub async fn restore(
+        &self,
+        cfg: &VmConfig,
+        snapshot_dir: &std::path::Path,
+    ) -> Result<Vm, VmError> {
+        match self {
+            Backend::Firecracker(f) => f.restore(cfg, snapshot_dir).await,
+            Backend::Qemu(q) => q.restore(cfg, snapshot_dir).await,
         }
     }
 

@@ -22,6 +22,16 @@ pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,re
 /// The file descriptor QEMU finds the rootfs on when it runs as a VM uid (`-add-fd`).
 const ROOTFS_FD: i32 = 3;
 
+/// The QMP socket in the VM directory.
+pub(crate) const QMP_SOCKET: &str = "qmp.sock";
+
+/// The single file a QEMU snapshot is: the migration stream (device state and memory; pages
+/// that are all zeros take a few bytes each).
+pub const STATE_FILE: &str = "vmstate.snapshot";
+
+/// How long saving or loading a VM's state may take.
+pub(crate) const MIGRATION_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// The kernel and initramfs as placed in the VM directory for a VM uid.
 const KERNEL: &str = "vmlinux";
 const INITRD: &str = "initrd";
@@ -103,6 +113,13 @@ impl Qemu {
         a.push(sock);
         a.push("-device".into());
         a.push("virtserialport,chardev=agent,name=agent".into());
+        // QMP, for snapshots (stop, migrate to a passed descriptor, restore).
+        a.push("-chardev".into());
+        let mut qmp = chardev("socket", "qmp", &dir.join(QMP_SOCKET));
+        qmp.push(",server=on,wait=off");
+        a.push(qmp);
+        a.push("-mon".into());
+        a.push("chardev=qmp,mode=control".into());
         a
     }
 
@@ -122,6 +139,63 @@ impl Qemu {
 
     /// Starts the VM. Returns once QEMU runs; the agent is reached through [`Vm::connect`].
     pub async fn start(&self, cfg: &VmConfig) -> Result<Vm, VmError> {
+        self.launch(cfg, false).await
+    }
+
+    /// Starts a VM from the state saved in `snapshot_dir` ([`STATE_FILE`], written by
+    /// [`Vm::save_snapshot`] from a VM of the same `cfg`): QEMU starts with `-incoming defer`,
+    /// is handed the state file as a descriptor (`getfd`, `migrate-incoming fd:`), loads it
+    /// and is resumed. Returns once the guest runs again.
+    pub async fn restore(&self, cfg: &VmConfig, snapshot_dir: &Path) -> Result<Vm, VmError> {
+        let state = snapshot_dir.join(STATE_FILE);
+        let file = std::fs::File::open(&state)
+            .map_err(|e| VmError::io(format!("open {}", state.display()), e))?;
+        let mut vm = self.launch(cfg, true).await?;
+        let qmp = vm.dir.path().join(QMP_SOCKET);
+        let loaded = tokio::task::spawn_blocking(move || {
+            let mut q = crate::qmp::Qmp::connect(&qmp, std::time::Duration::from_secs(10))?;
+            q.execute_with_fd(
+                "getfd",
+                Some(serde_json::json!({"fdname": "snapshot"})),
+                Some(std::os::fd::AsFd::as_fd(&file)),
+            )?;
+            q.execute(
+                "migrate-incoming",
+                Some(serde_json::json!({"uri": "fd:snapshot"})),
+            )?;
+            q.wait_migration(MIGRATION_LIMIT)?;
+            // The state was saved paused; run it.
+            q.execute("cont", None)?;
+            Ok::<_, VmError>(())
+        })
+        .await
+        .map_err(|e| VmError::io("QMP task", std::io::Error::other(e)))?;
+        if let Err(e) = loaded {
+            // QEMU's own words (e.g. a section it cannot load) are in its log.
+            let said = vm
+                .vmm_log
+                .as_deref()
+                .map(|l| crate::vm::read_tail(l, 2048))
+                .unwrap_or_default();
+            let _ = vm
+                .exited_within(std::time::Duration::from_millis(200))
+                .await;
+            let e = match e {
+                VmError::Snapshot { backend, detail } if !said.trim().is_empty() => {
+                    VmError::Snapshot {
+                        backend,
+                        detail: format!("{detail} (QEMU said: {})", said.trim()),
+                    }
+                }
+                e => e,
+            };
+            let _ = vm.stop().await;
+            return Err(e);
+        }
+        Ok(vm)
+    }
+
+    async fn launch(&self, cfg: &VmConfig, incoming: bool) -> Result<Vm, VmError> {
         let dir = vm_dir(&cfg.run_dir)?;
         let console = dir.path().join("console.log");
         let log = dir.path().join("qemu.log");
@@ -157,6 +231,9 @@ impl Qemu {
         } else {
             cmd.args(self.command_line(&args_cfg, dir.path()));
         }
+        if incoming {
+            cmd.arg("-incoming").arg("defer");
+        }
         if let (Some(l), Some(fd)) = (&lease, &rootfs) {
             drop_to_uid(&mut cmd, l.uid(), fd, self.accel == Accel::Kvm);
         }
@@ -169,6 +246,7 @@ impl Qemu {
         // QEMU creates the agent socket before the guest starts; wait for that (or its
         // exit, e.g. a bad option or a missing /dev/kvm).
         let sock = dir.path().join("agent.sock");
+        let qmp = dir.path().join(QMP_SOCKET);
         for _ in 0..200 {
             if sock.exists() {
                 break;
@@ -190,6 +268,7 @@ impl Qemu {
             console,
             vmm_log: Some(log),
             endpoint: AgentEndpoint::Stream(sock),
+            control: crate::vm::Control::Qmp(qmp),
             _jail: None,
             _uid: lease,
         })

@@ -118,10 +118,26 @@ pub struct Vm {
     /// The VMM's own stderr when it is not the console (QEMU).
     pub(crate) vmm_log: Option<PathBuf>,
     pub(crate) endpoint: AgentEndpoint,
+    /// The VMM's control channel (snapshots).
+    pub(crate) control: Control,
     /// Firecracker's jail, removed after the VMM is killed (fields drop in order).
     pub(crate) _jail: Option<crate::firecracker::JailGuard>,
     /// The VMM's own uid, released last.
     pub(crate) _uid: Option<crate::uid::UidLease>,
+}
+
+/// How the host controls a running VMM.
+#[derive(Debug, Clone)]
+pub(crate) enum Control {
+    /// QEMU's QMP socket.
+    Qmp(PathBuf),
+    /// Firecracker's API socket, where its files are on the host, and the same directory as
+    /// Firecracker sees it (`/` in a jail).
+    Firecracker {
+        api: PathBuf,
+        files: PathBuf,
+        guest_dir: PathBuf,
+    },
 }
 
 /// Agent port inside the guest (vsock), same number as the seeds' service.
@@ -194,6 +210,76 @@ impl Vm {
             } else {
                 format!("; last console lines:\n{tail}")
             },
+        }
+    }
+
+    /// Pauses the VM and writes its state into `dest`, an existing empty directory: QEMU's
+    /// migration stream ([`crate::qemu::STATE_FILE`], passed to QEMU as a descriptor and
+    /// written with `migrate fd:`), or Firecracker's full snapshot
+    /// ([`crate::firecracker::STATE_FILE`] and [`crate::firecracker::MEMORY_FILE`], written by
+    /// `PUT /snapshot/create` and moved out of the jail). The files are fsynced. The VM stays
+    /// paused: stop it afterwards. Returns the names of the files written.
+    pub async fn save_snapshot(&mut self, dest: &Path) -> Result<Vec<&'static str>, VmError> {
+        match self.control.clone() {
+            Control::Qmp(sock) => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let name = crate::qemu::STATE_FILE;
+                let path = dest.join(name);
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| VmError::io(format!("create {}", path.display()), e))?;
+                tokio::task::spawn_blocking(move || {
+                    let mut q =
+                        crate::qmp::Qmp::connect(&sock, std::time::Duration::from_secs(10))?;
+                    q.execute("stop", None)?;
+                    // QEMU throttles migrations to 128 MiB/s by default; this one is a local file.
+                    q.execute(
+                        "migrate-set-parameters",
+                        Some(serde_json::json!({"max-bandwidth": 1u64 << 40})),
+                    )?;
+                    q.execute_with_fd(
+                        "getfd",
+                        Some(serde_json::json!({"fdname": "snapshot"})),
+                        Some(std::os::fd::AsFd::as_fd(&file)),
+                    )?;
+                    q.execute("migrate", Some(serde_json::json!({"uri": "fd:snapshot"})))?;
+                    q.wait_migration(crate::qemu::MIGRATION_LIMIT)?;
+                    file.sync_all()
+                        .map_err(|e| VmError::io(format!("fsync {}", path.display()), e))
+                })
+                .await
+                .map_err(|e| VmError::io("QMP task", std::io::Error::other(e)))??;
+                Ok(vec![name])
+            }
+            Control::Firecracker {
+                api,
+                files,
+                guest_dir,
+            } => {
+                for call in crate::firecracker::Firecracker::snapshot_calls(&guest_dir) {
+                    crate::firecracker::api_request(&api, &call).await?;
+                }
+                let names = vec![
+                    crate::firecracker::STATE_FILE,
+                    crate::firecracker::MEMORY_FILE,
+                ];
+                for name in &names {
+                    let (from, to) = (files.join(name), dest.join(name));
+                    if std::fs::rename(&from, &to).is_err() {
+                        std::fs::copy(&from, &to).map_err(|e| {
+                            VmError::io(format!("copy {} to {}", from.display(), to.display()), e)
+                        })?;
+                        let _ = std::fs::remove_file(&from);
+                    }
+                    std::fs::File::open(&to)
+                        .and_then(|f| f.sync_all())
+                        .map_err(|e| VmError::io(format!("fsync {}", to.display()), e))?;
+                }
+                Ok(names)
+            }
         }
     }
 

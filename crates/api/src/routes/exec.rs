@@ -113,7 +113,12 @@ pub struct ExecuteResponse {
     pub exec_time: f64,
     /// Language key.
     pub lang: String,
-    /// Boot-to-ready time, seconds.
+    /// `restore` (from the language's snapshot) or `boot` (cold).
+    pub start: String,
+    /// Why the snapshot was not used, when there is one and the VM booted instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_note: Option<String>,
+    /// VMM start to ready agent, seconds.
     pub boot_time: f64,
     /// The whole execution, seconds.
     pub total_time: f64,
@@ -182,6 +187,8 @@ fn split_outcome(o: RunOutcome) -> (ExecuteResponse, Vec<infra_runner::OutputFil
         exit_code,
         exec_time,
         lang,
+        start,
+        start_note,
         boot_time,
         total_time,
         backend,
@@ -216,6 +223,8 @@ fn split_outcome(o: RunOutcome) -> (ExecuteResponse, Vec<infra_runner::OutputFil
         exit_code,
         exec_time,
         lang,
+        start,
+        start_note,
         boot_time,
         total_time,
         backend,
@@ -375,6 +384,7 @@ async fn run_job(
         max_pids: infra_runner::DEFAULT_MAX_PIDS,
         rootfs: files.rootfs,
         kernel: files.kernel,
+        snapshot: files.snapshot,
     };
     state.metrics.vms_live.inc();
     let run: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
