@@ -941,3 +941,112 @@ fn http_api_answers_429_when_its_queue_is_full() {
     std::fs::remove_file(&cfg).unwrap();
     assert_clean();
 }
+
+/// Removes the language's snapshot when dropped (the other tests boot cold).
+struct SnapshotGuard(PathBuf);
+
+impl Drop for SnapshotGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[test]
+fn snapshots_restore_unique_vms_and_refuse_what_does_not_fit() {
+    let _g = vm_lock();
+    let dir = home().join("snapshots/python");
+    let _cleanup = SnapshotGuard(dir.clone());
+    let o = run(&["snapshot", "create", "--lang", "python", "--json"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let m = json(&o);
+    assert_eq!(m["lang"], "python");
+    assert_eq!(m["backend"], "qemu");
+    assert_eq!(m["mem_mib"], 512);
+    let state = dir.join(m["files"].as_object().unwrap().keys().next().unwrap());
+    assert!(state.exists() && dir.join("manifest.json").exists());
+    assert_clean();
+    let o = run(&["snapshot", "list", "--json"]);
+    assert!(o.status.success());
+    assert_eq!(json(&o)[0]["lang"], "python");
+
+    // Two VMs restored from it at once: each reseeded, so their randomness differs, and each
+    // given the host's clock.
+    let code = "import os, uuid, time; print(os.urandom(16).hex(), uuid.uuid4(), time.time())";
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            cli(&["run", "--lang", "python", "--json", "--code", code])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for child in runs {
+        let o = child.wait_with_output().unwrap();
+        let after = unix_now();
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let r = json(&o);
+        assert_eq!(r["start"], "restore", "{r}");
+        assert!(r.get("start_note").is_none(), "{r}");
+        let out = r["stdout"].as_str().unwrap().to_string();
+        let fields: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(fields.len(), 3, "{out}");
+        let guest_time: f64 = fields[2].parse().unwrap();
+        let took = r["total_time"].as_f64().unwrap();
+        assert!(
+            guest_time <= after + 1.0 && guest_time >= after - took - 5.0,
+            "the restored guest's clock says {guest_time}, the host's {after} (run took {took} s)"
+        );
+        seen.push((fields[0].to_string(), fields[1].to_string()));
+    }
+    assert_ne!(seen[0].0, seen[1].0, "os.urandom repeated across restores");
+    assert_ne!(seen[0].1, seen[1].1, "uuid4 repeated across restores");
+    assert_clean();
+
+    // Another --mem than the snapshot's: booted, and the reason given.
+    let o = run(&[
+        "run", "-l", "python", "--mem", "640", "--json", "-c", "print(1)",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let r = json(&o);
+    assert_eq!(r["start"], "boot");
+    let note = r["start_note"].as_str().unwrap();
+    assert!(note.contains("memory (MiB) 512"), "{note}");
+    // --cold boots without a note.
+    let r = json(&run(&[
+        "run", "-l", "python", "--cold", "--json", "-c", "print(1)",
+    ]));
+    assert_eq!(r["start"], "boot");
+    assert!(r.get("start_note").is_none(), "{r}");
+
+    // A corrupted state file (same size, one byte changed) is refused before QEMU reads it;
+    // the run boots instead and nothing is left running.
+    let mut bytes = std::fs::read(&state).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(&state, &bytes).unwrap();
+    let o = run(&["run", "-l", "python", "-c", "print('still runs')"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "still runs\n");
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("booted instead of restoring") && err.contains("corrupted"),
+        "{err}"
+    );
+    assert_clean();
+
+    let o = run(&["snapshot", "rm", "--lang", "python"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(!dir.exists());
+    let o = run(&["snapshot", "rm", "--lang", "python"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+}

@@ -44,6 +44,7 @@ if "--new-pid-ns" in args:
 os.setgroups([]); os.setgid(gid); os.setuid(uid)
 srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 srv.bind("/api.sock"); srv.listen(8)
+paused = False
 
 def check(path):
     try:
@@ -70,9 +71,21 @@ while True:
     req = json.loads(body or b"{}")
     log.write(json.dumps({"method": method, "path": path, "body": req, "uid": os.getuid(), "pid": os.getpid()}) + "\n")
     fault = None
-    for key in ("kernel_image_path", "initrd_path", "path_on_host"):
-        if key in req and fault is None:
+    for key in ("kernel_image_path", "initrd_path", "path_on_host", "snapshot_path"):
+        if key in req and fault is None and path != "/snapshot/create":
             fault = check(req[key])
+    if path == "/snapshot/load" and fault is None:
+        fault = check(req.get("mem_backend", {}).get("backend_path", "/missing-mem-backend"))
+    if path == "/snapshot/create" and fault is None:
+        # As Firecracker: the VM must be paused first; the files are written as the VM's uid.
+        if not paused:
+            fault = "the VM is not paused"
+        else:
+            for key, data in (("snapshot_path", b"vmstate"), ("mem_file_path", b"\0" * 4096)):
+                with open(req[key], "wb") as f:
+                    f.write(data)
+    if method == "PATCH" and path == "/vm":
+        paused = req.get("state") == "Paused"
     if fault:
         msg = json.dumps({"fault_message": f"Cannot open {fault}. Permission denied"}).encode()
         c.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(msg), msg))

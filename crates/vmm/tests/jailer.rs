@@ -15,6 +15,10 @@ use infra_vmm::firecracker::{Cgroups, Firecracker, Jailer};
 use infra_vmm::uid::UidRange;
 use infra_vmm::VmConfig;
 
+/// The fake reads its log path and cgroup parents from the environment, which is the
+/// process's: the tests here take turns.
+static ENV_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn records(log: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
@@ -25,6 +29,7 @@ fn records(log: &Path) -> Vec<serde_json::Value> {
 
 #[tokio::test]
 async fn jailed_firecracker_boots_with_private_uid_and_leaves_no_jail() {
+    let _env = ENV_LOCK.lock().await;
     assert!(
         nix::unistd::geteuid().is_root(),
         "needs root (uid drop, chown)"
@@ -225,4 +230,104 @@ async fn jailed_firecracker_boots_with_private_uid_and_leaves_no_jail() {
     };
     let e = e.to_string();
     assert!(e.contains("Unix socket allows"), "{e}");
+}
+
+/// Snapshots under the jailer: `save_snapshot` pauses the VM and has Firecracker write its
+/// state and memory files in the jail (as the VM's uid), then moves them out; `restore` places
+/// them in a fresh jail and loads them, with no machine configuration, as Firecracker's
+/// snapshot documentation requires.
+#[tokio::test]
+async fn jailed_firecracker_saves_and_restores_snapshots() {
+    let _env = ENV_LOCK.lock().await;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root (uid drop, chown)"
+    );
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    std::fs::create_dir_all(d.join("bin")).unwrap();
+    std::fs::write(d.join("bin/firecracker"), b"#!/bin/false\n").unwrap();
+    for name in ["vmlinux", "initrd", "rootfs.ext4"] {
+        std::fs::write(d.join(name), name.as_bytes()).unwrap();
+    }
+    let log = d.join("requests.jsonl");
+    std::env::set_var("FAKE_JAILER_LOG", &log);
+    std::env::remove_var("FAKE_CGROUP_PARENTS");
+    let fc = Firecracker {
+        binary: d.join("bin/firecracker"),
+        jailer: Some(Jailer {
+            binary: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_jailer.py"),
+            uids: UidRange {
+                first: 911_000,
+                count: 4,
+            },
+            chroot_base: d.join("jails"),
+            cgroups: None,
+        }),
+    };
+    let cfg = VmConfig {
+        kernel: d.join("vmlinux"),
+        initramfs: d.join("initrd"),
+        rootfs: d.join("rootfs.ext4"),
+        mem_mib: 256,
+        vcpus: 1,
+        extra_args: String::new(),
+        run_dir: d.join("run"),
+    };
+    let mut vm = fc.start(&cfg).await.expect("jailed start");
+    let snap = d.join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let names = vm.save_snapshot(&snap).await.expect("snapshot saved");
+    assert_eq!(names, vec!["vmstate.snapshot", "mem.snapshot"]);
+    assert_eq!(
+        std::fs::read(snap.join("vmstate.snapshot")).unwrap(),
+        b"vmstate"
+    );
+    assert_eq!(
+        std::fs::metadata(snap.join("mem.snapshot")).unwrap().len(),
+        4096
+    );
+    vm.stop().await.unwrap();
+    let saved: Vec<serde_json::Value> = records(&log)
+        .into_iter()
+        .filter(|r| r.get("method").is_some())
+        .collect();
+    let n = saved.len();
+    assert_eq!(saved[n - 2]["method"], "PATCH");
+    assert_eq!(saved[n - 2]["path"], "/vm");
+    assert_eq!(saved[n - 2]["body"], serde_json::json!({"state": "Paused"}));
+    assert_eq!(saved[n - 1]["path"], "/snapshot/create");
+    assert_eq!(
+        saved[n - 1]["body"],
+        serde_json::json!({"snapshot_type": "Full", "snapshot_path": "/vmstate.snapshot", "mem_file_path": "/mem.snapshot"})
+    );
+
+    std::fs::remove_file(&log).unwrap();
+    let vm = fc.restore(&cfg, &snap).await.expect("restored");
+    let calls: Vec<serde_json::Value> = records(&log)
+        .into_iter()
+        .filter(|r| r.get("method").is_some())
+        .collect();
+    let paths: Vec<&str> = calls.iter().map(|r| r["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, vec!["/logger", "/metrics", "/snapshot/load"]);
+    assert_eq!(
+        calls[2]["body"],
+        serde_json::json!({
+            "snapshot_path": "/vmstate.snapshot",
+            "mem_backend": {"backend_type": "File", "backend_path": "/mem.snapshot"},
+            "enable_diff_snapshots": false,
+            "resume_vm": true
+        })
+    );
+    vm.stop().await.unwrap();
+    // The snapshot stays where it was (placed in the jail, not moved).
+    assert!(snap.join("mem.snapshot").exists());
+
+    // Without the jailer, restoring is refused with the reason.
+    let bare = Firecracker {
+        binary: d.join("bin/firecracker"),
+        jailer: None,
+    };
+    let e = bare.restore(&cfg, &snap).await.unwrap_err().to_string();
+    assert!(e.contains("needs the jailer"), "{e}");
 }
