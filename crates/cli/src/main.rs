@@ -2,7 +2,6 @@
 //! It parses flags, renders output and maps errors to exit codes; the libraries decide.
 
 mod api;
-mod guest;
 mod kernel;
 mod outputs;
 mod rootfs;
@@ -61,7 +60,7 @@ enum Command {
     /// Check (and install) what this host needs.
     Setup(setup::SetupArgs),
     /// Run the in-VM agent (PID 1 in infra.operator images).
-    Guest(guest::GuestArgs),
+    Guest(infra_guest::cli::GuestArgs),
     /// Object store (S3 or a local directory): images, kernel, sync, versions, cost.
     #[command(subcommand)]
     Store(store::StoreCommand),
@@ -90,15 +89,8 @@ fn main() {
         infra_guest::initramfs::run_stage();
     }
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // aws-config warns for every credential source it tries; errors say it once.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,aws_config=error")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // aws-config warns for every credential source it tries; errors say it once.
+    infra_guest::cli::init_logging("warn,aws_config=error");
     let _ = rustls::crypto::ring::default_provider().install_default();
     let paths = infra_config::Paths::from_env();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -120,7 +112,7 @@ fn main() {
             Command::Host(a) => run::host(a, &paths).await,
             Command::Kernel(cmd) => kernel::run(cmd, &paths).map(|()| 0),
             Command::Setup(a) => setup::run(a, &paths).map(|()| 0),
-            Command::Guest(a) => guest::run(a).await.map(|()| 0),
+            Command::Guest(a) => infra_guest::cli::run(a).await.map(|()| 0),
             Command::Store(cmd) => store::run(cmd, &paths).await.map(|()| 0),
             Command::Api(a) => api::run(a, &paths).await.map(|()| 0),
         }

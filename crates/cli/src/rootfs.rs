@@ -321,9 +321,7 @@ fn request(
     let size = SizeSpec::parse(&out.size, out.headroom).map_err(anyhow::Error::msg)?;
     let agent = match &out.agent {
         Some(a) => a.clone(),
-        None => {
-            std::env::current_exe().context("cannot locate this binary to inject as the agent")?
-        }
+        None => infra_config::agent_binary().context("cannot locate the agent binary to inject")?,
     };
     Ok(BuildRequest {
         name: name.to_string(),

@@ -189,6 +189,33 @@ pub struct Paths {
     pub cache: PathBuf,
 }
 
+/// File name of the slim agent binary installed beside `infra-operator`.
+pub const AGENT_BINARY: &str = "infra-operator-agent";
+
+/// The agent this host puts into images and initramfs: `infra-operator-agent` beside this
+/// executable when it reports this build's version (`--version`), else this executable
+/// itself (the full CLI is an agent too, only larger), so a stale agent left beside a newer
+/// CLI is never shipped.
+pub fn agent_binary() -> std::io::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let slim = me.with_file_name(AGENT_BINARY);
+    if me.file_name().is_some_and(|n| n != AGENT_BINARY)
+        && std::fs::metadata(&slim).is_ok_and(|m| m.is_file())
+    {
+        let said = std::process::Command::new(&slim)
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        let want = format!("infra.operator {}", env!("CARGO_PKG_VERSION"));
+        if said.as_deref() == Some(want.as_str()) {
+            return Ok(slim);
+        }
+    }
+    Ok(me)
+}
+
 impl Paths {
     /// Resolves paths from the process environment.
     pub fn from_env() -> Self {

@@ -17,6 +17,8 @@
 
 mod agent;
 mod cgroup;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod error;
 mod exec;
 mod files;

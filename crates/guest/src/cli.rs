@@ -1,11 +1,13 @@
-//! `infra.operator guest`: the in-VM agent (PID 1 in our images, or a systemd/OpenRC service).
+//! `infra.operator guest`: the in-VM agent's command line (PID 1 in our images, or a
+//! systemd/OpenRC service), shared by the full CLI and the slim agent binary
+//! (`infra-operator-agent`, what goes into images and initramfs).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::{AgentOptions, Pid1Mode};
 use anyhow::{Context, Result};
 use clap::Args;
-use infra_guest::{AgentOptions, Pid1Mode};
 
 /// Image config written by `rootfs` builds; its Env is the base environment for code.
 const IMAGE_CONFIG: &str = "/etc/infra-operator/image.json";
@@ -48,7 +50,7 @@ pub async fn run(a: GuestArgs) -> Result<()> {
         opts.listen = a
             .listen
             .iter()
-            .map(|l| infra_guest::parse_listen(l).with_context(|| format!("--listen {l}")))
+            .map(|l| crate::parse_listen(l).with_context(|| format!("--listen {l}")))
             .collect::<Result<_>>()?;
     }
     if let Some(w) = a.workspace {
@@ -67,9 +69,19 @@ pub async fn run(a: GuestArgs) -> Result<()> {
         _ => Pid1Mode::Auto,
     };
     opts.base_env = image_env();
-    infra_guest::run_agent(opts)
-        .await
-        .context("guest agent failed")
+    crate::run_agent(opts).await.context("guest agent failed")
+}
+
+/// Sets up logging (`RUST_LOG`, default `warn`) on stderr, as both binaries do.
+pub fn init_logging(default: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
 }
 
 /// Env from the image config baked in at build time (empty outside our images).
