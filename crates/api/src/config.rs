@@ -23,6 +23,9 @@
 //!   max_output_file_bytes: 67108864
 //!   max_output_total_bytes: 268435456
 //!   max_input_bytes: 268435456 # file_ids and files together
+//!   pool: {python: 1}          # ready VMs per language (from its snapshot when one fits)
+//!   pool_parallel: 1           # pool VMs started at once
+//!   pool_reserve_mib: 512      # host memory left free; below it the pool shrinks
 //! files:                       # optional; default: local directory + SQLite under the home
 //!   provider_type: remote::s3
 //!   config: { bucket_name: my-files, metadata_store: { type: sqlite, db_path: /var/lib/x/files.db } }
@@ -114,6 +117,15 @@ pub struct RunLimits {
     pub max_output_total_bytes: u64,
     /// Input files (`file_ids` and `files`) total.
     pub max_input_bytes: u64,
+    /// Warm pool: ready VMs kept per language (restored from the language's snapshot when
+    /// one fits, else booted), each used for one execution. Languages whose image or kernel
+    /// is not on this host yet are skipped (logged), never built at startup.
+    pub pool: std::collections::BTreeMap<String, usize>,
+    /// Pool VMs started at once.
+    pub pool_parallel: usize,
+    /// MiB of host memory the pool leaves free beyond a new VM's own; below it the pool
+    /// gives VMs back instead of refilling.
+    pub pool_reserve_mib: u64,
 }
 
 impl Default for RunLimits {
@@ -130,6 +142,9 @@ impl Default for RunLimits {
             max_output_file_bytes: 64 << 20,
             max_output_total_bytes: 256 << 20,
             max_input_bytes: 256 << 20,
+            pool: [("python".to_string(), 1)].into(),
+            pool_parallel: 1,
+            pool_reserve_mib: 512,
         }
     }
 }

@@ -56,6 +56,8 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     /// Execution slots and queue.
     pub slots: slots::Slots,
+    /// The warm pool.
+    pub pool: infra_runner::pool::Pool,
     /// Flips to true when the server is stopping.
     pub stopping: watch::Receiver<bool>,
     /// When the server started.
@@ -108,10 +110,18 @@ impl Server {
         let (stop_tx, stopping) = watch::channel(false);
         let limits = &parts.config.runs;
         let slots = slots::Slots::new(limits.max_concurrent, limits.max_queue);
+        let pool = infra_runner::pool::Pool::new(
+            parts.runner.clone(),
+            infra_runner::pool::PoolOptions {
+                parallel: limits.pool_parallel.max(1),
+                reserve_mib: limits.pool_reserve_mib,
+            },
+        );
         let state = Arc::new(AppState {
             slots,
             config: parts.config,
             paths: parts.paths,
+            pool,
             runner: parts.runner,
             overrides: parts.overrides,
             files,
@@ -175,6 +185,7 @@ impl Server {
                 }
             })
         });
+        let pool_setup = tokio::spawn(fill_pool(self.state.clone()));
         let drain_deadline = async move {
             let _ = signalled_rx.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;
@@ -189,7 +200,66 @@ impl Server {
         if let Some(s) = sweeper {
             s.abort();
         }
+        pool_setup.abort();
+        self.state.pool.stop().await;
         out
+    }
+}
+
+/// Gives the warm pool its languages: those of `runs.pool` whose kernel and image are on
+/// this host (nothing is fetched or built for the pool).
+async fn fill_pool(state: Arc<AppState>) {
+    let runs = &state.config.runs;
+    for (name, &size) in &runs.pool {
+        if size == 0 {
+            continue;
+        }
+        let lang = match infra_runner::prepare::language(name) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(lang = %name, error = %e, "runs.pool names an unknown language; skipped");
+                continue;
+            }
+        };
+        let image = state
+            .overrides
+            .rootfs
+            .clone()
+            .unwrap_or_else(|| state.paths.image(&lang.key));
+        let kernel = state
+            .overrides
+            .kernel
+            .clone()
+            .unwrap_or_else(|| state.paths.kernel.clone());
+        if !image.exists() || !kernel.exists() {
+            tracing::info!(lang = %lang.key, "no pool for this language yet: its image or the kernel is not on this host (the first execution prepares them)");
+            continue;
+        }
+        match infra_runner::prepare::vm_files(
+            &state.paths,
+            &lang,
+            &state.runner.options().agent,
+            &state.overrides,
+            Arc::new(LogProgress),
+        )
+        .await
+        {
+            Ok(f) => state.pool.keep(
+                infra_runner::pool::PoolSpec {
+                    lang: lang.key.clone(),
+                    kernel: f.kernel,
+                    initramfs: f.initramfs,
+                    rootfs: f.rootfs,
+                    mem_mib: runs.mem_mib,
+                    vcpus: runs.vcpus,
+                    snapshot: f.snapshot,
+                },
+                size,
+            ),
+            Err(e) => {
+                tracing::warn!(lang = %lang.key, error = %e, "no pool for this language")
+            }
+        }
     }
 }
 

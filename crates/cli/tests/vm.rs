@@ -1050,3 +1050,57 @@ fn snapshots_restore_unique_vms_and_refuse_what_does_not_fit() {
     let o = run(&["snapshot", "rm", "--lang", "python"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
 }
+
+/// The server's `infra_operator_vms_pooled` gauge.
+fn pooled(api: &ApiServer) -> i64 {
+    let (_, m) = api.curl(&[&format!("{}/metrics", api.base)]);
+    text(&m)
+        .lines()
+        .find(|l| l.starts_with("infra_operator_vms_pooled "))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(-1)
+}
+
+fn wait_pooled(api: &ApiServer, want: i64) {
+    for _ in 0..1200 {
+        if pooled(api) == want {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the pool never reached {want} ready VMs");
+}
+
+#[test]
+fn http_api_hands_out_pool_vms_once_and_refills() {
+    let _g = vm_lock();
+    let cfg = std::env::temp_dir().join(format!("api-pool-{}.yaml", std::process::id()));
+    std::fs::write(&cfg, "runs: {pool: {python: 1}}\n").unwrap();
+    let api = ApiServer::start(&["--config", cfg.to_str().unwrap()]);
+    wait_pooled(&api, 1);
+    // Each execution gets a pooled VM of its own: a file written by the first is not seen by
+    // the second.
+    let code = "import os\nprint(os.path.exists('/tmp/mark'))\nopen('/tmp/mark','w').write('x')";
+    for round in 0..2 {
+        let (s, body) = api.curl(&[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &serde_json::json!({"language": "python", "code": code}).to_string(),
+            &format!("{}/api/v1/execute", api.base),
+        ]);
+        assert_eq!(s, 200, "{}", text(&body));
+        let r: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(r["start"], "pool", "round {round}: {r}");
+        assert_eq!(
+            r["stdout"], "False\n",
+            "round {round}: state leaked between runs"
+        );
+        assert_eq!(r["boot_time"], 0.0);
+        // Refilled in the background.
+        wait_pooled(&api, 1);
+    }
+    api.stop();
+    std::fs::remove_file(&cfg).unwrap();
+    assert_clean();
+}

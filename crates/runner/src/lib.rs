@@ -21,6 +21,7 @@
 
 mod client;
 mod error;
+pub mod pool;
 pub mod prepare;
 pub mod snapshot;
 
@@ -816,13 +817,40 @@ impl Runner {
         initramfs: &Path,
         on_output: impl FnMut(Output),
     ) -> Result<RunOutcome, RunError> {
-        check_code(&spec.code)?;
-        check_env(&spec.env)?;
-        check_args(&spec.argv)?;
-        check_timeout(spec.timeout)?;
-        check_files(spec)?;
+        self.run_on(spec, initramfs, None, on_output).await
+    }
+
+    /// Like [`Runner::run`], on `pooled` when given (a ready VM from the warm pool, made for
+    /// this language and shape; `start` is then `pool`), else on a VM restored or booted for
+    /// the run. The VM is destroyed afterwards either way.
+    pub async fn run_on(
+        &self,
+        spec: &RunSpec,
+        initramfs: &Path,
+        pooled: Option<ReadyVm>,
+        on_output: impl FnMut(Output),
+    ) -> Result<RunOutcome, RunError> {
+        let checked = (|| {
+            check_code(&spec.code)?;
+            check_env(&spec.env)?;
+            check_args(&spec.argv)?;
+            check_timeout(spec.timeout)?;
+            check_files(spec)
+        })();
+        if let Err(e) = checked {
+            if let Some(p) = pooled {
+                let _ = p.vm.stop().await;
+            }
+            return Err(e);
+        }
         let started = Instant::now();
         let trace_id = format!("tr-{}", uuid::Uuid::new_v4().simple());
+        if let Some(mut ready) = pooled {
+            ready.boot = Duration::ZERO;
+            return self
+                .finish_run(spec, ready, "pool", None, started, trace_id, on_output)
+                .await;
+        }
         let mut start_note = None;
         let restored = match &spec.snapshot {
             Some(dir) => match self.restore(spec, initramfs, dir).await {
@@ -840,7 +868,7 @@ impl Runner {
         } else {
             "boot"
         };
-        let mut ready = match restored {
+        let ready = match restored {
             Some(r) => r,
             None => {
                 self.boot(
@@ -853,6 +881,22 @@ impl Runner {
                 .await?
             }
         };
+        self.finish_run(spec, ready, start, start_note, started, trace_id, on_output)
+            .await
+    }
+
+    /// The run on a ready VM: inputs, exec, outputs, teardown.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_run(
+        &self,
+        spec: &RunSpec,
+        mut ready: ReadyVm,
+        start: &'static str,
+        start_note: Option<String>,
+        started: Instant,
+        trace_id: String,
+        on_output: impl FnMut(Output),
+    ) -> Result<RunOutcome, RunError> {
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
         let result = converse(&mut ready, spec, &mut stdout, &mut stderr, on_output).await;

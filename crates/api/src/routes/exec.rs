@@ -113,7 +113,7 @@ pub struct ExecuteResponse {
     pub exec_time: f64,
     /// Language key.
     pub lang: String,
-    /// `restore` (from the language's snapshot) or `boot` (cold).
+    /// `pool` (a ready VM of the warm pool), `restore` (from the language's snapshot) or `boot`.
     pub start: String,
     /// Why the snapshot was not used, when there is one and the VM booted instead.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -387,8 +387,12 @@ async fn run_job(
         snapshot: files.snapshot,
     };
     state.metrics.vms_live.inc();
-    let run: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
-        Box::pin(state.runner.run(&spec, &files.initramfs, on_output));
+    let pooled = state.pool.take(&spec, &files.initramfs);
+    let run: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> = Box::pin(
+        state
+            .runner
+            .run_on(&spec, &files.initramfs, pooled, on_output),
+    );
     let result = run.await;
     state.metrics.vms_live.dec();
     let status = match &result {

@@ -125,6 +125,10 @@ pub async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     responses((status = 200, description = "Prometheus text", content_type = "text/plain", body = String),
               (status = 401, description = "Missing or wrong API key", body = ErrorBody)))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    state
+        .metrics
+        .vms_pooled
+        .set(state.pool.ready_total() as i64);
     (
         [(
             header::CONTENT_TYPE,
