@@ -94,8 +94,15 @@ PIDS=()
 cleanup() {
     local rc=$?
     set +e
+    # SIGTERM, then SIGKILL after 10 s (uvicorn waits for in-flight requests without limit)
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
+    for _ in $(seq 100); do
+        local alive=0
+        for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+        ((alive)) || break
+        sleep 0.1
+    done
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
     if [[ -z ${KEEP:-} ]]; then rm -rf --one-file-system "$WORK"; else log "kept $WORK"; fi
     exit $rc
 }
