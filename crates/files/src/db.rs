@@ -201,9 +201,22 @@ impl Db {
             }
             MetadataStore::Postgres { dsn } => (dsn.0.clone(), Backend::Postgres),
         };
+        let sqlite = backend == Backend::Sqlite;
         let pool = AnyPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    // In WAL mode NORMAL syncs at checkpoints, not at every commit: a crash of
+                    // the process loses nothing, a power loss can lose the last commits. Here
+                    // that is a row whose object exists (written first), i.e. an orphan the
+                    // sweeper removes; never a row without its object.
+                    if sqlite {
+                        sqlx::Executor::execute(&mut *conn, "PRAGMA synchronous = NORMAL").await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(&url)
             .await
             .map_err(|e| FilesError::db("connect", e))?;

@@ -18,7 +18,8 @@
 //! # Writing a file ([`Files::create`])
 //! The body is streamed: chunks are hashed (sha256) and buffered up to one part. A body smaller
 //! than 8 MiB goes up in one `put`; a larger one as a multipart upload of 8 MiB parts (16 MiB
-//! when `max_file_size` needs it to stay under 10000 parts), one part in memory at a time.
+//! when `max_file_size` needs it to stay under 10000 parts), with two parts being sent while the
+//! next is read from the client (so at most three parts in memory).
 //! `max_file_size` is enforced while reading. Write order: **object first, then the metadata
 //! row**; a failure before the row exists (a body that errors, i.e. the client went away; the
 //! size limit; a store error) aborts the multipart upload, and a failure of the row insert

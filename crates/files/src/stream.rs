@@ -2,6 +2,7 @@
 //! else a multipart upload of fixed-size parts; sha256 computed on the way; the size limit
 //! enforced while reading; any failure aborts the multipart upload so nothing is left.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
@@ -58,6 +59,10 @@ where
     let mut buf = BytesMut::new();
     let mut total: u64 = 0;
     let mut multipart: Option<(String, Vec<PartInfo>)> = None;
+    // Parts being sent while the next one is read from the client (at most
+    // PARTS_IN_FLIGHT, each `part_size` bytes): receiving and sending overlap.
+    let mut inflight: VecDeque<tokio::task::JoinHandle<Result<PartInfo>>> = VecDeque::new();
+    let mut next_number: i32 = 1;
     let threshold = SINGLE_PUT_THRESHOLD.min(part_size);
 
     let result: Result<()> = async {
@@ -87,18 +92,29 @@ where
                     multipart = Some((id, Vec::new()));
                 }
                 if let Some((id, parts)) = &mut multipart {
-                    let number = parts.len() as i32 + 1;
-                    let p = store
-                        .upload_part(key, id, number, Body::Bytes(part))
-                        .await
-                        .map_err(|e| FilesError::store("UploadPart", e))?;
-                    parts.push(p);
+                    if inflight.len() >= PARTS_IN_FLIGHT {
+                        if let Some(h) = inflight.pop_front() {
+                            parts.push(joined(key, h).await?);
+                        }
+                    }
+                    inflight.push_back(spawn_part(store, key, id, next_number, part));
+                    next_number += 1;
                 }
+            }
+        }
+        if let Some((_, parts)) = &mut multipart {
+            while let Some(h) = inflight.pop_front() {
+                parts.push(joined(key, h).await?);
             }
         }
         Ok(())
     }
     .await;
+    // A failure leaves no part upload running behind the abort.
+    for h in inflight.drain(..) {
+        h.abort();
+        let _ = h.await;
+    }
 
     let sha256 = hex::encode(hasher.finalize());
     match (result, multipart) {
@@ -145,6 +161,39 @@ where
         size: total,
         sha256,
     })
+}
+
+/// Parts of one file sent to the store at once while the next is read.
+const PARTS_IN_FLIGHT: usize = 2;
+
+fn spawn_part(
+    store: &Arc<dyn ObjectStore>,
+    key: &str,
+    id: &str,
+    number: i32,
+    part: Bytes,
+) -> tokio::task::JoinHandle<Result<PartInfo>> {
+    let (store, key, id) = (Arc::clone(store), key.to_string(), id.to_string());
+    tokio::spawn(async move {
+        store
+            .upload_part(&key, &id, number, Body::Bytes(part))
+            .await
+            .map_err(|e| FilesError::store("UploadPart", e))
+    })
+}
+
+/// The part task's result; a task that panicked is a failed part.
+async fn joined(key: &str, h: tokio::task::JoinHandle<Result<PartInfo>>) -> Result<PartInfo> {
+    h.await.map_err(|e| {
+        FilesError::store(
+            "UploadPart",
+            infra_store::Error::Io {
+                op: "send a part of",
+                path: key.into(),
+                source: std::io::Error::other(e.to_string()),
+            },
+        )
+    })?
 }
 
 async fn abort(store: &Arc<dyn ObjectStore>, key: &str, id: &str) {

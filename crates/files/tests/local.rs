@@ -106,7 +106,10 @@ async fn store_failure_mid_multipart_leaves_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), infra_files::ErrorKind::Unavailable, "{err}");
-    assert_eq!(faults.part_calls.load(Ordering::SeqCst), 3);
+    // The third part fails; with two parts in flight, at most one more was already sent,
+    // and nothing after the failure was seen.
+    let calls = faults.part_calls.load(Ordering::SeqCst);
+    assert!((3..=4).contains(&calls), "{calls} part uploads");
     assert!(inner.list("").await.unwrap().is_empty());
     assert!(common::all_ids(&files).await.is_empty());
 }
