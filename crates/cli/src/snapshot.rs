@@ -118,13 +118,13 @@ async fn create(a: CreateArgs, paths: &Paths) -> Result<()> {
     let bytes: u64 = m.files.values().map(|f| f.bytes).sum();
     println!(
         "Snapshot of {} saved in {:.1} s (boot {:.1} s): {} on disk for {} MiB of guest memory, {} {}",
-        m.lang,
+        m.machine.lang,
         started.elapsed().as_secs_f64(),
         m.boot_secs,
         human_mb(bytes),
-        m.mem_mib,
-        m.backend,
-        m.accel
+        m.machine.mem_mib,
+        m.machine.backend,
+        m.machine.accel
     );
     println!("{}", dir.display());
     Ok(())
@@ -155,8 +155,8 @@ fn list(a: ListArgs, paths: &Paths) -> Result<()> {
         .map(|(lang, dir, m)| match m {
             Ok(m) => vec![
                 lang,
-                format!("{} {}", m.backend, m.accel),
-                format!("{} MiB / {}", m.mem_mib, m.vcpus),
+                format!("{} {}", m.machine.backend, m.machine.accel),
+                format!("{} MiB / {}", m.machine.mem_mib, m.machine.vcpus),
                 human_mb(m.files.values().map(|f| f.bytes).sum()),
                 m.created_at.replace('T', " ").trim_end_matches('Z').into(),
                 dir.display().to_string(),

@@ -602,49 +602,15 @@ impl Runner {
         };
         snapshot::verify_files(&self.cache, dir, &manifest).map_err(refuse)?;
         let started = Instant::now();
-        let mut vm = backend.restore(&cfg, dir).await?;
-        let endpoint = vm.endpoint().clone();
-        let greet = async move {
-            let stream = loop {
-                match endpoint.connect().await {
-                    Ok(s) => break s,
-                    Err(e) => {
-                        tracing::trace!(error = %e, "agent not reachable yet");
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                }
-            };
-            let mut client = AgentClient::new(stream);
-            let info = client.hello().await?;
-            let (entropy, now) = snapshot::reseed_material();
-            client.reseed(entropy, now).await?;
-            Ok::<_, RunError>((client, info))
-        };
-        let limit = self.opts.boot_timeout;
-        let accel = vm.accel().to_string();
-        let name = backend.name();
-        match watch_vm(&mut vm, limit, greet, |vm| {
-            infra_vmm::VmError::BootTimeout {
-                secs: limit.as_secs(),
-                backend: name,
-                accel,
-                console: vm.console_tail(15),
-            }
-            .into()
-        })
+        let vm = backend.restore(&cfg, dir).await?;
+        ready_vm(
+            vm,
+            backend.name(),
+            self.opts.boot_timeout,
+            started,
+            Greeting::Reseed,
+        )
         .await
-        {
-            Ok((client, info)) => Ok(ReadyVm {
-                vm,
-                client,
-                info,
-                boot: started.elapsed(),
-            }),
-            Err(e) => {
-                let _ = vm.stop().await;
-                Err(e)
-            }
-        }
     }
 
     /// Boots a VM for `req`, waits for its agent, runs the optional warm-up, and saves it as
@@ -782,19 +748,8 @@ impl Runner {
         }
         let manifest = snapshot::SnapshotManifest {
             format: snapshot::SNAPSHOT_FORMAT,
-            lang: req.lang.clone(),
-            backend: want.backend,
-            backend_version: want.backend_version,
-            accel: want.accel,
-            cpu: want.cpu,
-            cpu_flags_sha256: want.cpu_flags_sha256,
-            kernel_sha256: want.kernel_sha256,
-            initramfs_sha256: want.initramfs_sha256,
-            image_sha256: want.image_sha256,
+            machine: want,
             agent_version: info.agent_version.clone(),
-            mem_mib: req.mem_mib,
-            vcpus: req.vcpus,
-            boot_args: want.boot_args,
             warmup: req.warmup.clone(),
             created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             boot_secs: boot.as_secs_f64(),
@@ -1365,28 +1320,58 @@ async fn boot_one(
     timeout: Duration,
 ) -> Result<ReadyVm, RunError> {
     let started = Instant::now();
-    let mut vm = backend.start(cfg).await?;
+    let vm = backend.start(cfg).await?;
+    ready_vm(vm, backend.name(), timeout, started, Greeting::Hello).await
+}
+
+/// What a fresh VM is told before it is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Greeting {
+    /// `hello` (a booted VM).
+    Hello,
+    /// `hello`, then `reseed` with host entropy and clock (a restored VM).
+    Reseed,
+}
+
+/// Connects to a started VM's agent (retrying until it listens: Firecracker's vsock refuses
+/// until then) and greets it, within `timeout` and while the VMM lives; on failure the VM is
+/// stopped.
+async fn ready_vm(
+    mut vm: Vm,
+    backend: &'static str,
+    timeout: Duration,
+    started: Instant,
+    greeting: Greeting,
+) -> Result<ReadyVm, RunError> {
     let endpoint = vm.endpoint().clone();
+    // A restored agent is already waiting on its port; a booting one takes seconds.
+    let poll = match greeting {
+        Greeting::Reseed => Duration::from_millis(5),
+        Greeting::Hello => Duration::from_millis(50),
+    };
     let greet = async move {
-        // Firecracker's vsock refuses until the guest listens: retry the connection.
         let stream = loop {
             match endpoint.connect().await {
                 Ok(s) => break s,
                 Err(e) => {
                     tracing::trace!(error = %e, "agent not reachable yet");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(poll).await;
                 }
             }
         };
         let mut client = AgentClient::new(stream);
         let info = client.hello().await?;
+        if greeting == Greeting::Reseed {
+            let (entropy, now) = snapshot::reseed_material();
+            client.reseed(entropy, now).await?;
+        }
         Ok::<_, RunError>((client, info))
     };
     let accel = vm.accel().to_string();
     let outcome = watch_vm(&mut vm, timeout, greet, |vm| {
         infra_vmm::VmError::BootTimeout {
             secs: timeout.as_secs(),
-            backend: backend.name(),
+            backend,
             accel,
             console: vm.console_tail(15),
         }

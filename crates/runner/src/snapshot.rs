@@ -56,6 +56,24 @@ pub struct FileDigest {
 pub struct SnapshotManifest {
     /// [`SNAPSHOT_FORMAT`].
     pub format: u32,
+    /// The machine it was made of: what a run must match (fields at the top level of the JSON).
+    #[serde(flatten)]
+    pub machine: Expected,
+    /// The agent's version, as it said in hello.
+    pub agent_version: String,
+    /// The warm-up program run before saving, if any.
+    pub warmup: Option<String>,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+    /// Seconds from VMM start to ready agent when the snapshot was made.
+    pub boot_secs: f64,
+    /// The state files.
+    pub files: BTreeMap<String, FileDigest>,
+}
+
+/// The facts a snapshot must match to be restored for a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expected {
     /// Language key.
     pub lang: String,
     /// `qemu` or `firecracker`.
@@ -75,50 +93,11 @@ pub struct SnapshotManifest {
     pub initramfs_sha256: String,
     /// sha256 of the image attached.
     pub image_sha256: String,
-    /// The agent's version, as it said in hello.
-    pub agent_version: String,
     /// Guest memory, MiB.
     pub mem_mib: u32,
     /// Guest vCPUs.
     pub vcpus: u8,
     /// The kernel command line.
-    pub boot_args: String,
-    /// The warm-up program run before saving, if any.
-    pub warmup: Option<String>,
-    /// RFC 3339 creation time.
-    pub created_at: String,
-    /// Seconds from VMM start to ready agent when the snapshot was made.
-    pub boot_secs: f64,
-    /// The state files.
-    pub files: BTreeMap<String, FileDigest>,
-}
-
-/// The facts a snapshot must match to be restored for a run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Expected {
-    /// Language key.
-    pub lang: String,
-    /// Backend name.
-    pub backend: String,
-    /// Its version line.
-    pub backend_version: String,
-    /// Acceleration.
-    pub accel: String,
-    /// CPU.
-    pub cpu: String,
-    /// CPU flags digest.
-    pub cpu_flags_sha256: String,
-    /// Kernel digest.
-    pub kernel_sha256: String,
-    /// Initramfs digest.
-    pub initramfs_sha256: String,
-    /// Image digest.
-    pub image_sha256: String,
-    /// Memory.
-    pub mem_mib: u32,
-    /// vCPUs.
-    pub vcpus: u8,
-    /// Kernel command line.
     pub boot_args: String,
 }
 
@@ -131,43 +110,40 @@ impl SnapshotManifest {
                 self.format
             ));
         }
+        let m = &self.machine;
         let short = |s: &str| s.chars().take(12).collect::<String>();
         let checks: [(&str, String, String); 11] = [
-            ("language", self.lang.clone(), want.lang.clone()),
-            ("backend", self.backend.clone(), want.backend.clone()),
+            ("language", m.lang.clone(), want.lang.clone()),
+            ("backend", m.backend.clone(), want.backend.clone()),
             (
                 "backend version",
-                self.backend_version.clone(),
+                m.backend_version.clone(),
                 want.backend_version.clone(),
             ),
-            ("acceleration", self.accel.clone(), want.accel.clone()),
-            ("CPU", self.cpu.clone(), want.cpu.clone()),
+            ("acceleration", m.accel.clone(), want.accel.clone()),
+            ("CPU", m.cpu.clone(), want.cpu.clone()),
             (
                 "CPU flags",
-                short(&self.cpu_flags_sha256),
+                short(&m.cpu_flags_sha256),
                 short(&want.cpu_flags_sha256),
             ),
             (
                 "kernel",
-                short(&self.kernel_sha256),
+                short(&m.kernel_sha256),
                 short(&want.kernel_sha256),
             ),
             (
                 "initramfs (agent)",
-                short(&self.initramfs_sha256),
+                short(&m.initramfs_sha256),
                 short(&want.initramfs_sha256),
             ),
-            (
-                "image",
-                short(&self.image_sha256),
-                short(&want.image_sha256),
-            ),
+            ("image", short(&m.image_sha256), short(&want.image_sha256)),
             (
                 "memory (MiB)",
-                self.mem_mib.to_string(),
+                m.mem_mib.to_string(),
                 want.mem_mib.to_string(),
             ),
-            ("vCPUs", self.vcpus.to_string(), want.vcpus.to_string()),
+            ("vCPUs", m.vcpus.to_string(), want.vcpus.to_string()),
         ];
         for (what, had, wanted) in checks {
             if had != wanted {
@@ -176,7 +152,7 @@ impl SnapshotManifest {
                 ));
             }
         }
-        if self.boot_args != want.boot_args {
+        if m.boot_args != want.boot_args {
             return Some("it was booted with other kernel arguments".into());
         }
         None
@@ -432,19 +408,21 @@ mod tests {
     fn manifest() -> SnapshotManifest {
         SnapshotManifest {
             format: SNAPSHOT_FORMAT,
-            lang: "python".into(),
-            backend: "qemu".into(),
-            backend_version: "QEMU emulator version 7.2.22".into(),
-            accel: "tcg".into(),
-            cpu: "max".into(),
-            cpu_flags_sha256: String::new(),
-            kernel_sha256: "k".repeat(64),
-            initramfs_sha256: "i".repeat(64),
-            image_sha256: "m".repeat(64),
+            machine: Expected {
+                lang: "python".into(),
+                backend: "qemu".into(),
+                backend_version: "QEMU emulator version 7.2.22".into(),
+                accel: "tcg".into(),
+                cpu: "max".into(),
+                cpu_flags_sha256: String::new(),
+                kernel_sha256: "k".repeat(64),
+                initramfs_sha256: "i".repeat(64),
+                image_sha256: "m".repeat(64),
+                mem_mib: 512,
+                vcpus: 1,
+                boot_args: "console=ttyS0".into(),
+            },
             agent_version: "0.1.0".into(),
-            mem_mib: 512,
-            vcpus: 1,
-            boot_args: "console=ttyS0".into(),
             warmup: None,
             created_at: "2026-12-03T00:00:00Z".into(),
             boot_secs: 3.0,
@@ -453,20 +431,7 @@ mod tests {
     }
 
     fn expected_of(m: &SnapshotManifest) -> Expected {
-        Expected {
-            lang: m.lang.clone(),
-            backend: m.backend.clone(),
-            backend_version: m.backend_version.clone(),
-            accel: m.accel.clone(),
-            cpu: m.cpu.clone(),
-            cpu_flags_sha256: m.cpu_flags_sha256.clone(),
-            kernel_sha256: m.kernel_sha256.clone(),
-            initramfs_sha256: m.initramfs_sha256.clone(),
-            image_sha256: m.image_sha256.clone(),
-            mem_mib: m.mem_mib,
-            vcpus: m.vcpus,
-            boot_args: m.boot_args.clone(),
-        }
+        m.machine.clone()
     }
 
     #[test]
