@@ -18,7 +18,7 @@
 # ogx limits uploads to 100 MiB (ogx_api/common/upload_limits.py, no config key, no env var):
 # this script patches that one constant in ogx's venv to 4 GiB (see OGX_LIMIT below).
 #
-# Runs as root or not; needs garage (scripts/install-deps.sh), curl, Python 3.12 (pyenv) for
+# Runs as root or not; needs garage (scripts/install-deps.sh --tests), curl, Python 3.12 (pyenv) for
 # ogx. Environment knobs:
 #   REPS=3 SMALL_N=1000 SMALL_CONC=8 BURST_N=500 LIST_N=200
 #   BIN=PATH          infra-operator binary (default: $CARGO_TARGET_DIR's release build)
@@ -54,7 +54,7 @@ log() { printf '\033[1m[bench]\033[0m %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
 
 GARAGE=$(command -v garage || echo "$HOME/.cargo/bin/garage")
-[[ -x $GARAGE ]] || die "garage not found: run scripts/install-deps.sh"
+[[ -x $GARAGE ]] || die "garage not found: run scripts/install-deps.sh --tests"
 command -v curl >/dev/null || die "curl not found"
 [[ -x $PY312 ]] || die "Python 3.12 not found at $PY312 (ogx needs >= 3.12; set PY312=...)"
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"

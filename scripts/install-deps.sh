@@ -1,21 +1,38 @@
 #!/usr/bin/env bash
-# Installs the Debian packages infra.operator and its tests need. Idempotent and quick when
-# everything is present (no apt-get update unless something is missing).
+# Installs the Debian packages infra.operator needs. Idempotent and quick when everything is
+# present (no apt-get update unless something is missing).
+#
+#   scripts/install-deps.sh           what the main job needs: build images, boot a microVM
+#   scripts/install-deps.sh --tests   that, plus the servers and clients only tests and
+#                                     benchmarks use (registry, dockerd, PostgreSQL, Garage,
+#                                     aws-cli, s5cmd, the OpenAI SDK)
 set -euo pipefail
+
+tests=0
+case "${1:-}" in
+  --tests) tests=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--tests]" >&2; exit 2 ;;
+esac
 
 packages=(
   e2fsprogs        # mke2fs -d, e2fsck, dumpe2fs, debugfs
-  debootstrap      # rootfs create
-  docker-registry  # tests: a real OCI registry on 127.0.0.1
-  docker.io        # tests: dockerd for the daemon source
-  skopeo umoci     # benchmarks: pushing OCI layouts
-  tar gzip ca-certificates curl  # curl: the HTTP API VM test is a curl user
-  python3 perl gcc libc6-dev  # guest agent tests run these languages on the host
+  debootstrap      # rootfs create (the first run builds the language's image with it)
+  tar gzip ca-certificates
   qemu-system-x86  # the microVM backend on hosts without Firecracker (TCG without KVM)
   binutils         # objcopy: strips the agent copied into the guest initramfs
-  cpio             # tests: cross-check of the initramfs archive format
-  postgresql       # tests: infra-files runs a private PostgreSQL server (initdb, pg_ctl)
 )
+if [ "$tests" -eq 1 ]; then
+  packages+=(
+    docker-registry  # a real OCI registry on 127.0.0.1
+    docker.io        # dockerd for the daemon source
+    skopeo umoci     # benchmarks: pushing OCI layouts
+    curl             # the HTTP API VM test is a curl user
+    python3 perl gcc libc6-dev  # guest agent tests run these languages on the host
+    cpio             # cross-check of the initramfs archive format
+    postgresql       # infra-files runs a private PostgreSQL server (initdb, pg_ctl)
+  )
+fi
 
 missing=()
 for p in "${packages[@]}"; do
@@ -33,6 +50,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 echo "dependencies present"
+[ "$tests" -eq 1 ] || exit 0
 
 # Object store tests and benchmarks: Garage (a real S3-compatible server, built from crates.io;
 # about 15 minutes on 2 cores, skipped when the wanted version is installed), aws-cli for the

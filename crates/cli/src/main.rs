@@ -2,6 +2,7 @@
 //! It parses flags, renders output and maps errors to exit codes; the libraries decide.
 
 mod api;
+mod benchmark;
 mod kernel;
 mod outputs;
 mod rootfs;
@@ -69,6 +70,8 @@ enum Command {
     /// Save ready VMs (snapshots) that `run`, `host` and the API restore instead of booting.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Time cold boots, snapshot restores, pool hand-outs and executions on this host.
+    Benchmark(Box<benchmark::BenchmarkArgs>),
 }
 
 /// A missing prerequisite found by `setup --check` (exit code 4).
@@ -115,6 +118,7 @@ fn main() {
             Command::Guest(a) => infra_guest::cli::run(a).await.map(|()| 0),
             Command::Store(cmd) => store::run(cmd, &paths).await.map(|()| 0),
             Command::Api(a) => api::run(a, &paths).await.map(|()| 0),
+            Command::Benchmark(a) => benchmark::run(*a, &paths).await.map(|()| 0),
         }
     });
     match result {

@@ -5,9 +5,10 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use infra_config::Paths;
-use infra_runner::{prepare, snapshot, SnapshotRequest};
+use infra_runner::{prepare, snapshot, snapshot_store, SnapshotRequest};
 
 use crate::run::VmArgs;
+use crate::store::{open, print_json, report_download, report_upload, StoreArgs};
 use crate::ui::{human_mb, table};
 
 /// `snapshot` subcommands.
@@ -19,6 +20,10 @@ pub enum SnapshotCommand {
     List(ListArgs),
     /// Remove a language's snapshot.
     Rm(RmArgs),
+    /// Send snapshots to the object store (snapshots/{lang}/, state files zstd-compressed).
+    Upload(TransferArgs),
+    /// Fetch snapshots from the object store, verified, replacing the local one atomically.
+    Download(TransferArgs),
 }
 
 /// `snapshot create` flags.
@@ -59,11 +64,42 @@ pub struct CreateArgs {
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
   infra.operator snapshot list
+  infra.operator snapshot list --remote -b s3://llm-infra-operator-rootfs
   infra.operator snapshot list --json")]
 pub struct ListArgs {
+    /// List the snapshots in the object store instead of this host's.
+    #[arg(long)]
+    remote: bool,
     /// JSON instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// `snapshot upload|download` flags.
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  infra.operator snapshot upload --lang python
+  infra.operator snapshot upload --all -b s3://llm-infra-operator-rootfs
+  infra.operator snapshot download --lang python --json
+  BUCKET=s3://llm-infra-operator-rootfs infra.operator snapshot download --all
+
+Keys: snapshots/{lang}/manifest.json and snapshots/{lang}/{file}.zst (zstd, holes read as
+zeros). Downloads check the manifest and every file's sha256 and size, then swap the
+directory in whole; `run` also fetches a matching snapshot by itself when it has none.")]
+pub struct TransferArgs {
+    /// Language.
+    #[arg(short, long, required_unless_present = "all", conflicts_with = "all")]
+    lang: Option<String>,
+    /// Every language (on this host for upload, in the store for download).
+    #[arg(long)]
+    all: bool,
+    /// One JSON array of the transfers instead of lines.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 /// `snapshot rm` flags.
@@ -80,8 +116,11 @@ pub struct RmArgs {
 pub async fn run(cmd: SnapshotCommand, paths: &Paths) -> Result<()> {
     match cmd {
         SnapshotCommand::Create(a) => create(*a, paths).await,
+        SnapshotCommand::List(a) if a.remote => list_remote(a, paths).await,
         SnapshotCommand::List(a) => list(a, paths),
         SnapshotCommand::Rm(a) => rm(a, paths),
+        SnapshotCommand::Upload(a) => upload(a, paths).await,
+        SnapshotCommand::Download(a) => download(a, paths).await,
     }
 }
 
@@ -206,5 +245,126 @@ fn rm(a: RmArgs, paths: &Paths) -> Result<()> {
     std::fs::remove_dir_all(&dir)
         .map_err(|e| anyhow::anyhow!("cannot remove {}: {e}", dir.display()))?;
     println!("Removed {}", dir.display());
+    Ok(())
+}
+
+async fn upload(a: TransferArgs, paths: &Paths) -> Result<()> {
+    let langs = match &a.lang {
+        Some(l) => vec![prepare::language(l)?.key],
+        None => snapshot_store::local_langs(&paths.home),
+    };
+    if langs.is_empty() {
+        bail!(
+            "no snapshots in {} to upload; make one with `infra.operator snapshot create --lang LANG`",
+            paths.snapshots().display()
+        );
+    }
+    let ctx = open(&a.store, paths, a.json).await?;
+    let mut done = Vec::new();
+    for lang in langs {
+        for s in snapshot_store::upload(&ctx.engine, paths, &lang).await? {
+            if !a.json {
+                report_upload(&s);
+            }
+            done.push(s);
+        }
+    }
+    if a.json {
+        print_json(&done)?;
+    }
+    Ok(())
+}
+
+async fn download(a: TransferArgs, paths: &Paths) -> Result<()> {
+    let ctx = open(&a.store, paths, a.json).await?;
+    let langs = match &a.lang {
+        Some(l) => vec![prepare::language(l)?.key],
+        None => snapshot_store::remote_list(&ctx.engine)
+            .await?
+            .into_iter()
+            .filter(|r| r.manifest.is_some())
+            .map(|r| r.lang)
+            .collect(),
+    };
+    if langs.is_empty() {
+        bail!(
+            "no snapshots in {}; upload one with `infra.operator snapshot upload --lang LANG`",
+            ctx.engine.store().describe()
+        );
+    }
+    let mut done = Vec::new();
+    for lang in langs {
+        let (_, got) = snapshot_store::download(&ctx.engine, paths, &lang).await?;
+        for s in got {
+            if !a.json {
+                report_download(&s);
+            }
+            done.push(s);
+        }
+        if !a.json {
+            println!("{}", snapshot::snapshot_dir(&paths.home, &lang).display());
+        }
+    }
+    if a.json {
+        print_json(&done)?;
+    }
+    Ok(())
+}
+
+async fn list_remote(a: ListArgs, paths: &Paths) -> Result<()> {
+    let ctx = open(&a.store, paths, a.json).await?;
+    let all = snapshot_store::remote_list(&ctx.engine).await?;
+    if a.json {
+        return print_json(&all);
+    }
+    if all.is_empty() {
+        println!(
+            "No snapshots in {}; upload one with `infra.operator snapshot upload --lang LANG`",
+            ctx.engine.store().describe()
+        );
+        return Ok(());
+    }
+    let rows = all
+        .into_iter()
+        .map(|r| {
+            let key = ctx.engine.store().url_of(&format!(
+                "{}{}/",
+                infra_store::artifacts::SNAPSHOTS_PREFIX,
+                r.lang
+            ));
+            match (r.manifest, r.error) {
+                (Some(m), _) => vec![
+                    r.lang,
+                    format!("{} {}", m.machine.backend, m.machine.accel),
+                    format!("{} MiB / {}", m.machine.mem_mib, m.machine.vcpus),
+                    human_mb(r.stored_bytes),
+                    m.created_at.replace('T', " ").trim_end_matches('Z').into(),
+                    key,
+                ],
+                (None, e) => vec![
+                    r.lang,
+                    format!("unusable: {}", e.unwrap_or_default()),
+                    "-".into(),
+                    human_mb(r.stored_bytes),
+                    "-".into(),
+                    key,
+                ],
+            }
+        })
+        .collect();
+    println!(
+        "{}",
+        table(
+            &[
+                "LANGUAGE",
+                "BACKEND",
+                "MEM / VCPUS",
+                "STORED",
+                "CREATED",
+                "KEY"
+            ],
+            rows
+        )
+    );
     Ok(())
 }

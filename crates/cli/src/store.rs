@@ -130,7 +130,8 @@ pub struct LsArgs {
 pub struct StoreUploadArgs {
     /// Files to upload.
     paths: Vec<PathBuf>,
-    /// Upload all images (rootfs-*.ext4), their manifests and the kernel.
+    /// Upload all images (rootfs-*.ext4), their manifests and the kernel bundle (vmlinux,
+    /// vmlinux.json, vmlinux.modules/).
     #[arg(long, conflicts_with = "paths")]
     all: bool,
     /// Key for a single file [default: its file name].
@@ -151,7 +152,7 @@ pub struct StoreUploadArgs {
 pub struct StoreDownloadArgs {
     /// Key to download.
     key: Option<String>,
-    /// Download all images, manifests and the kernel.
+    /// Download all images, manifests and the kernel bundle.
     #[arg(long, conflicts_with = "key")]
     all: bool,
     /// Output file (one key) or directory (--all) [default: images dir / kernel path].
@@ -294,12 +295,12 @@ impl Progress for Bars {
 }
 
 /// Everything a command needs: the resolved config, the store and an engine.
-struct Ctx {
+pub(crate) struct Ctx {
     config: StoreConfig,
-    engine: Engine,
+    pub(crate) engine: Engine,
 }
 
-async fn open(args: &StoreArgs, paths: &Paths, json: bool) -> Result<Ctx> {
+pub(crate) async fn open(args: &StoreArgs, paths: &Paths, json: bool) -> Result<Ctx> {
     let config = StoreConfig::from_env(&args.flags(), paths)?;
     let store = config.open().await?;
     let progress: Arc<dyn Progress> = if json {
@@ -312,16 +313,16 @@ async fn open(args: &StoreArgs, paths: &Paths, json: bool) -> Result<Ctx> {
     Ok(Ctx { config, engine })
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
-fn report_upload(u: &UploadSummary) {
+pub(crate) fn report_upload(u: &UploadSummary) {
     println!("{}", u.line());
 }
 
-fn report_download(d: &DownloadSummary) {
+pub(crate) fn report_download(d: &DownloadSummary) {
     println!("{}", d.line());
 }
 
@@ -410,8 +411,8 @@ async fn ls(a: LsArgs, paths: &Paths) -> Result<()> {
 async fn upload(a: StoreUploadArgs, paths: &Paths) -> Result<()> {
     let ctx = open(&a.store, paths, a.json).await?;
     let items: Vec<(PathBuf, String)> = if a.all {
-        let items = artifacts::local_artifacts(paths)?;
-        if items.is_empty() {
+        let items = artifacts::local_images(paths)?;
+        if items.is_empty() && !paths.kernel.is_file() {
             bail!(
                 "nothing to upload: no rootfs-*.ext4 in {} and no kernel at {}",
                 paths.images.display(),
@@ -462,6 +463,18 @@ async fn upload(a: StoreUploadArgs, paths: &Paths) -> Result<()> {
         }
         done.push(s);
     }
+    if a.all && paths.kernel.is_file() {
+        // The kernel as a bundle: modules, vmlinux, then its manifest.
+        let sent = artifacts::upload_kernel(&ctx.engine, paths)
+            .await
+            .with_context(|| format!("upload of the kernel {} stopped", paths.kernel.display()))?;
+        for s in sent {
+            if !a.json {
+                report_upload(&s);
+            }
+            done.push(s);
+        }
+    }
     if a.json {
         print_json(&done)?;
     }
@@ -485,12 +498,14 @@ fn download_target(
 
 async fn download(a: StoreDownloadArgs, paths: &Paths) -> Result<()> {
     let ctx = open(&a.store, paths, a.json).await?;
+    let mut kernel = false;
     let keys: Vec<String> = if a.all {
         let listed = ctx.engine.store().list("").await?;
+        kernel = listed.iter().any(|o| o.key == artifacts::KERNEL_KEY);
         let mut keys: Vec<String> = listed
             .iter()
             .map(|o| o.key.clone())
-            .filter(|k| artifacts::is_artifact_key(k))
+            .filter(|k| artifacts::is_artifact_key(k) && !artifacts::is_kernel_key(k))
             .collect();
         // When an image exists plain and compressed, take the newer form only.
         let newer = |k: &str| {
@@ -508,7 +523,7 @@ async fn download(a: StoreDownloadArgs, paths: &Paths) -> Result<()> {
                 !(all.contains(&z) && newer(&z) > newer(k))
             }
         });
-        if keys.is_empty() {
+        if keys.is_empty() && !kernel {
             bail!(
                 "no images or kernel in {}: upload them with `infra.operator store upload --all`",
                 ctx.engine.store().describe()
@@ -549,6 +564,20 @@ async fn download(a: StoreDownloadArgs, paths: &Paths) -> Result<()> {
             report_download(&s);
         }
         done.push(s);
+    }
+    if kernel {
+        // The kernel as a bundle (vmlinux, its manifest, its modules), into the kernel's
+        // place, or into --output DIR as `vmlinux`, `vmlinux.json`, `vmlinux.modules/`.
+        let mut at = paths.clone();
+        if let Some(o) = &a.output {
+            at.kernel = o.join(artifacts::KERNEL_KEY);
+        }
+        for s in artifacts::download_kernel(&ctx.engine, &at).await? {
+            if !a.json {
+                report_download(&s);
+            }
+            done.push(s);
+        }
     }
     if a.json {
         print_json(&done)?;

@@ -280,6 +280,27 @@ impl Paths {
         image.with_extension("json")
     }
 
+    /// The kernel's manifest, beside it: `vmlinux.json`.
+    pub fn kernel_manifest(&self) -> PathBuf {
+        Self::with_suffix(&self.kernel, ".json")
+    }
+
+    /// The kernel's modules the initramfs loads, beside it: `vmlinux.modules/`.
+    pub fn kernel_modules(&self) -> PathBuf {
+        Self::with_suffix(&self.kernel, ".modules")
+    }
+
+    /// Snapshots of ready VMs, one directory per language: `snapshots/<lang>/`.
+    pub fn snapshots(&self) -> PathBuf {
+        self.home.join("snapshots")
+    }
+
+    fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+        let mut s = path.as_os_str().to_os_string();
+        s.push(suffix);
+        PathBuf::from(s)
+    }
+
     /// Content-addressed blob cache (`cache/blobs/sha256/<hex>`).
     pub fn blobs(&self) -> PathBuf {
         self.cache.join("blobs")

@@ -14,6 +14,9 @@ pub enum RunError {
     /// The image could not be built.
     #[error(transparent)]
     Image(#[from] infra_image::Error),
+    /// The object store failed (fetching or sending an image, the kernel or a snapshot).
+    #[error(transparent)]
+    Store(#[from] infra_store::Error),
     /// A request could not be written to the agent.
     #[error("cannot send a request to the guest agent; the VM is probably gone: {source}")]
     AgentSend {
@@ -256,6 +259,7 @@ impl RunError {
             Self::Vm(e) => e.kind(),
             Self::Kernel(e) => e.kind(),
             Self::Image(e) => e.kind(),
+            Self::Store(e) => e.kind(),
             Self::HostDir(e) => e.kind(),
             Self::AgentSend { .. }
             | Self::AgentRead { .. }

@@ -19,11 +19,13 @@
 //! not collected when the run itself fails (the VM died, the agent broke the protocol); then
 //! the files already downloaded are removed and the error is returned.
 
+pub mod bench;
 mod client;
 mod error;
 pub mod pool;
 pub mod prepare;
 pub mod snapshot;
+pub mod snapshot_store;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -406,6 +408,18 @@ impl Runner {
         );
     }
 
+    /// The `--version` first line of the VMM named `name` (`qemu` or `firecracker`) as this
+    /// runner would start it; empty when it cannot be found.
+    pub fn backend_version(&self, name: &str) -> String {
+        let backend = match name {
+            "firecracker" => self.firecracker(),
+            _ => self.qemu(Accel::Tcg),
+        };
+        backend
+            .map(|b| snapshot::backend_version(&b))
+            .unwrap_or_default()
+    }
+
     fn qemu(&self, accel: Accel) -> Result<Backend, RunError> {
         let binary = infra_vmm::find_binary(self.opts.qemu.as_deref(), "qemu-system-x86_64")
             .ok_or_else(|| {
@@ -651,36 +665,8 @@ impl Runner {
             .await;
         let _ = vm.stop().await;
         let (tmp, manifest) = result?;
-        // Swap: the old snapshot (if any) aside, the new one in, the old one removed.
-        let old = parent.join(format!(
-            ".old-{}-{}",
-            req.lang,
-            uuid::Uuid::new_v4().simple()
-        ));
-        let had_old = req.dir.exists();
-        if had_old {
-            std::fs::rename(&req.dir, &old).map_err(|e| {
-                RunError::Prerequisite(format!(
-                    "cannot move the old snapshot {} aside: {e}",
-                    req.dir.display()
-                ))
-            })?;
-        }
         let tmp = tmp.keep();
-        if let Err(e) = std::fs::rename(&tmp, &req.dir) {
-            if had_old {
-                let _ = std::fs::rename(&old, &req.dir);
-            }
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(RunError::Prerequisite(format!(
-                "cannot move the new snapshot into {}: {e}",
-                req.dir.display()
-            )));
-        }
-        let _ = infra_config::fsync_dir(parent);
-        if had_old {
-            let _ = std::fs::remove_dir_all(&old);
-        }
+        snapshot::install(&tmp, &req.dir, &self.cache, &manifest)?;
         Ok(manifest)
     }
 
@@ -1336,6 +1322,10 @@ enum Greeting {
 /// Connects to a started VM's agent (retrying until it listens: Firecracker's vsock refuses
 /// until then) and greets it, within `timeout` and while the VMM lives; on failure the VM is
 /// stopped.
+/// How long a restored agent has to answer hello on one connection before the host hangs
+/// up and connects again.
+const RESTORE_HELLO_ATTEMPT: Duration = Duration::from_secs(4);
+
 async fn ready_vm(
     mut vm: Vm,
     backend: &'static str,
@@ -1350,22 +1340,47 @@ async fn ready_vm(
         Greeting::Hello => Duration::from_millis(50),
     };
     let greet = async move {
-        let stream = loop {
-            match endpoint.connect().await {
-                Ok(s) => break s,
-                Err(e) => {
-                    tracing::trace!(error = %e, "agent not reachable yet");
-                    tokio::time::sleep(poll).await;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let stream = loop {
+                match endpoint.connect().await {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        tracing::trace!(error = %e, "agent not reachable yet");
+                        tokio::time::sleep(poll).await;
+                    }
                 }
+            };
+            let mut client = AgentClient::new(stream);
+            let hello = client.hello();
+            let info = match greeting {
+                Greeting::Hello => hello.await?,
+                // A restored agent answers within a second even under TCG. When the VM was
+                // saved just as the previous host's disconnect reached the guest, the port
+                // can come back with the guest's view of the connection stale; hanging up
+                // and connecting again makes QEMU signal the port afresh.
+                Greeting::Reseed => {
+                    match tokio::time::timeout(RESTORE_HELLO_ATTEMPT, hello).await {
+                        Ok(info) => info?,
+                        Err(_) => {
+                            tracing::info!(
+                                attempt,
+                                "a restored agent did not answer; reconnecting"
+                            );
+                            drop(client);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            if greeting == Greeting::Reseed {
+                let (entropy, now) = snapshot::reseed_material();
+                client.reseed(entropy, now).await?;
             }
-        };
-        let mut client = AgentClient::new(stream);
-        let info = client.hello().await?;
-        if greeting == Greeting::Reseed {
-            let (entropy, now) = snapshot::reseed_material();
-            client.reseed(entropy, now).await?;
+            return Ok::<_, RunError>((client, info));
         }
-        Ok::<_, RunError>((client, info))
     };
     let accel = vm.accel().to_string();
     let outcome = watch_vm(&mut vm, timeout, greet, |vm| {

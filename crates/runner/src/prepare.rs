@@ -160,6 +160,7 @@ pub async fn vm_files(
         None => {
             let lock = language_lock("\0kernel");
             let _held = lock.lock().await;
+            fetch_kernel_from_store(paths, progress.clone()).await;
             ensure_kernel(paths, progress.as_ref())?;
             store.vmlinux.clone()
         }
@@ -184,6 +185,11 @@ pub async fn vm_files(
         )));
     }
     let snap = crate::snapshot::snapshot_dir(&paths.home, &lang.key);
+    if overrides.kernel.is_none() && overrides.rootfs.is_none() {
+        let lock = language_lock(&lang.key);
+        let _held = lock.lock().await;
+        fetch_snapshot_from_store(paths, &lang.key, &rootfs, progress.clone()).await;
+    }
     let snapshot = snap
         .join(crate::snapshot::MANIFEST)
         .exists()
@@ -208,33 +214,130 @@ fn language_lock(key: &str) -> Arc<tokio::sync::Mutex<()>> {
     map.entry(key.to_string()).or_default().clone()
 }
 
-/// Fetches `rootfs-{name}.ext4` from the configured store when it is not on this host. A store
-/// that does not have it is not worth a word (the image is built next); any other failure is
-/// shown as a note, and the image is built all the same.
-async fn fetch_image_from_store(paths: &Paths, name: &str, progress: Arc<dyn Progress>) {
-    if paths.image(name).is_file() {
-        return;
-    }
-    let bridge: Arc<dyn infra_store::Progress> = Arc::new(StoreProgress(progress.clone()));
-    let fetched = async {
-        let config =
-            infra_store::StoreConfig::from_env(&infra_store::StoreFlags::default(), paths)?;
-        let engine = config.engine(bridge).await?;
-        infra_store::artifacts::ensure_image(&engine, paths, name).await
-    }
-    .await;
+/// The configured object store (`BUCKET`/`S3_BUCKET`, the config file, else the local
+/// directory store), with transfers shown through `progress`.
+async fn store_engine(
+    paths: &Paths,
+    progress: Arc<dyn Progress>,
+) -> Result<infra_store::Engine, infra_store::Error> {
+    let bridge: Arc<dyn infra_store::Progress> = Arc::new(StoreProgress(progress));
+    let config = infra_store::StoreConfig::from_env(&infra_store::StoreFlags::default(), paths)?;
+    config.engine(bridge).await
+}
+
+/// Shows what a fetch from the store did. A store that does not have the thing is not worth
+/// a word (it is built or fetched elsewhere next); any other failure is a note.
+fn report_fetch(
+    progress: &dyn Progress,
+    what: &str,
+    instead: &str,
+    fetched: Result<Vec<infra_store::DownloadSummary>, RunError>,
+) {
     match fetched {
-        Ok(Some(done)) => {
+        Ok(done) => {
             for d in &done {
                 progress.detail(&d.line());
             }
         }
-        Ok(None) => {}
-        Err(infra_store::Error::NoSuchKey { .. } | infra_store::Error::NoSuchBucket { .. }) => {}
+        Err(RunError::Store(
+            infra_store::Error::NoSuchKey { .. } | infra_store::Error::NoSuchBucket { .. },
+        )) => {}
         Err(e) => progress.detail(&format!(
-            "note: image {name} could not be fetched from the store ({e}); building it instead"
+            "note: {what} could not be fetched from the store ({e}); {instead}"
         )),
     }
+}
+
+/// Fetches `rootfs-{name}.ext4` from the configured store when it is not on this host.
+async fn fetch_image_from_store(paths: &Paths, name: &str, progress: Arc<dyn Progress>) {
+    if paths.image(name).is_file() {
+        return;
+    }
+    let fetched = async {
+        let engine = store_engine(paths, progress.clone()).await?;
+        Ok(infra_store::artifacts::ensure_image(&engine, paths, name)
+            .await?
+            .unwrap_or_default())
+    }
+    .await;
+    report_fetch(
+        progress.as_ref(),
+        &format!("image {name}"),
+        "building it instead",
+        fetched,
+    );
+}
+
+/// Fetches the kernel bundle from the configured store when there is no kernel on this host,
+/// so a host with only a bucket configured needs no apt.
+async fn fetch_kernel_from_store(paths: &Paths, progress: Arc<dyn Progress>) {
+    if paths.kernel.is_file() {
+        return;
+    }
+    let fetched = async {
+        let engine = store_engine(paths, progress.clone()).await?;
+        Ok(infra_store::artifacts::ensure_kernel(&engine, paths)
+            .await?
+            .unwrap_or_default())
+    }
+    .await;
+    report_fetch(
+        progress.as_ref(),
+        "the kernel",
+        "fetching Debian's instead",
+        fetched,
+    );
+}
+
+/// Fetches `lang`'s snapshot from the configured store when there is none on this host and
+/// the store's was made from this host's image and kernel (its manifest says so; the rest is
+/// checked when it is restored). Asked once per language and image per process, so runs
+/// without a snapshot do not pay a request each.
+async fn fetch_snapshot_from_store(
+    paths: &Paths,
+    lang: &str,
+    rootfs: &Path,
+    progress: Arc<dyn Progress>,
+) {
+    let dir = crate::snapshot::snapshot_dir(&paths.home, lang);
+    if dir.join(crate::snapshot::MANIFEST).exists() {
+        return;
+    }
+    let (Some(image_sha), Ok(kernel)) = (
+        infra_store::artifacts::manifest_sha256(rootfs),
+        KernelStore::new(paths).installed(),
+    ) else {
+        return;
+    };
+    static ASKED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+        std::sync::OnceLock::new();
+    let first = ASKED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(format!("{}\0{lang}\0{image_sha}", paths.home.display()));
+    if !first {
+        return;
+    }
+    let fetched = async {
+        let engine = store_engine(paths, progress.clone()).await?;
+        let m = crate::snapshot_store::remote_manifest(&engine, lang).await?;
+        if m.machine.image_sha256 != image_sha || m.machine.kernel_sha256 != kernel.sha256 {
+            tracing::info!(lang, "the store's snapshot is of another image or kernel");
+            return Ok(Vec::new());
+        }
+        progress.detail(&format!("Fetching the {lang} snapshot from the store"));
+        Ok(crate::snapshot_store::download(&engine, paths, lang)
+            .await?
+            .1)
+    }
+    .await;
+    report_fetch(
+        progress.as_ref(),
+        &format!("the {lang} snapshot"),
+        "booting instead",
+        fetched,
+    );
 }
 
 /// Store transfers shown through the caller's progress.

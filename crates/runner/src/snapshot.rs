@@ -161,7 +161,7 @@ impl SnapshotManifest {
 
 /// The snapshot directory of `lang` under `home`.
 pub fn snapshot_dir(home: &Path, lang: &str) -> PathBuf {
-    home.join("snapshots").join(lang)
+    infra_config::Paths::under(home).snapshots().join(lang)
 }
 
 /// Reads a snapshot's manifest.
@@ -260,15 +260,109 @@ pub fn cached_sha256(cache: &Path, path: &Path) -> std::io::Result<String> {
     Ok(want.sha256)
 }
 
-/// Checks every state file of `m` in `dir` against its size and sha256.
-pub fn verify_files(cache: &Path, dir: &Path, m: &SnapshotManifest) -> Result<(), String> {
+/// Records `sha256` as the digest of `path` as it is now (a file just written and verified),
+/// so the first restore does not hash it again.
+pub fn remember_sha256(cache: &Path, path: &Path, sha256: &str) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    let canon = std::fs::canonicalize(path)?;
+    let key = hex::encode(Sha256::digest(canon.as_os_str().as_encoded_bytes()));
+    let dir = cache.join("digests");
+    let mut stamp = stamp_of(&canon, &meta);
+    stamp.sha256 = sha256.to_string();
+    infra_config::ensure_dir(&dir, 0o700).map_err(std::io::Error::other)?;
+    infra_config::write_atomic(
+        &dir.join(format!("{key}.json")),
+        &serde_json::to_vec(&stamp).unwrap_or_default(),
+    )
+}
+
+/// Most state files a manifest may list (QEMU writes one, Firecracker two).
+const MAX_STATE_FILES: usize = 8;
+
+/// Checks the state files a manifest lists before any of them is opened, downloaded or
+/// named in a key (a manifest from the store is untrusted): at least one, at most
+/// [`MAX_STATE_FILES`], each a plain file name of letters, digits, `.`, `_` and `-` that does
+/// not start with a dot and is not the manifest, and each digest 64 hex digits.
+pub fn check_file_list(m: &SnapshotManifest) -> Result<(), String> {
     if m.files.is_empty() {
         return Err("the manifest lists no state files".into());
     }
+    if m.files.len() > MAX_STATE_FILES {
+        return Err(format!(
+            "the manifest lists {} state files, at most {MAX_STATE_FILES} are accepted",
+            m.files.len()
+        ));
+    }
     for (name, want) in &m.files {
-        if name.contains('/') || name.starts_with('.') || name == MANIFEST {
-            return Err(format!("the manifest names a bad file {name:?}"));
+        let plain = !name.is_empty()
+            && name.len() <= 64
+            && !name.starts_with('.')
+            && name != MANIFEST
+            && name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
+        if !plain {
+            return Err(format!(
+                "the manifest names a bad file {:?}",
+                name.escape_debug().to_string()
+            ));
         }
+        if want.sha256.len() != 64 || !want.sha256.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!(
+                "the manifest's sha256 of {name} is not 64 hex digits"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Puts the complete snapshot directory `tmp` in place of `dir`: the old snapshot (if any)
+/// aside, the new one in, the old one removed, so a reader sees the old snapshot or the new
+/// one, never half of one. The digests of the manifest's files are remembered for restores.
+pub fn install(tmp: &Path, dir: &Path, cache: &Path, m: &SnapshotManifest) -> Result<(), RunError> {
+    let parent = dir
+        .parent()
+        .ok_or_else(|| RunError::Usage(format!("{} has no parent directory", dir.display())))?;
+    let old = parent.join(format!(
+        ".old-{}-{}",
+        m.machine.lang,
+        uuid::Uuid::new_v4().simple()
+    ));
+    let had_old = dir.exists();
+    if had_old {
+        std::fs::rename(dir, &old).map_err(|e| {
+            RunError::Prerequisite(format!(
+                "cannot move the old snapshot {} aside: {e}",
+                dir.display()
+            ))
+        })?;
+    }
+    if let Err(e) = std::fs::rename(tmp, dir) {
+        if had_old {
+            let _ = std::fs::rename(&old, dir);
+        }
+        let _ = std::fs::remove_dir_all(tmp);
+        return Err(RunError::Prerequisite(format!(
+            "cannot move the new snapshot into {}: {e}",
+            dir.display()
+        )));
+    }
+    let _ = infra_config::fsync_dir(parent);
+    if had_old {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    for (name, d) in &m.files {
+        if let Err(e) = remember_sha256(cache, &dir.join(name), &d.sha256) {
+            tracing::debug!(error = %e, file = name, "digest not cached");
+        }
+    }
+    Ok(())
+}
+
+/// Checks every state file of `m` in `dir` against its size and sha256.
+pub fn verify_files(cache: &Path, dir: &Path, m: &SnapshotManifest) -> Result<(), String> {
+    check_file_list(m)?;
+    for (name, want) in &m.files {
         let path = dir.join(name);
         let meta = std::fs::symlink_metadata(&path).map_err(|e| format!("{name}: {e}"))?;
         if !meta.file_type().is_file() {

@@ -65,6 +65,13 @@ async fn manifest_sha_is_verified() {
 }
 
 #[tokio::test]
+async fn kernel_bundle() {
+    let (_g, s) = garage_store("kernel", "").await;
+    let d = tempfile::tempdir().unwrap();
+    scenarios::kernel_bundle(s, d.path()).await;
+}
+
+#[tokio::test]
 async fn sync_include_exclude_delete_dry_run() {
     let g = Garage::start().await;
     g.create_bucket("sync-src").await;

@@ -65,3 +65,9 @@ async fn sync_does_not_follow_links_in_destination() {
     let d = tempfile::tempdir().unwrap();
     scenarios::sync_does_not_follow_links_in_destination(store(d.path(), ""), d.path()).await;
 }
+
+#[tokio::test]
+async fn kernel_bundle() {
+    let d = tempfile::tempdir().unwrap();
+    scenarios::kernel_bundle(store(d.path(), ""), d.path()).await;
+}

@@ -53,16 +53,10 @@ pub struct KernelStore {
 impl KernelStore {
     /// The kernel files under the host's [`infra_config::Paths`].
     pub fn new(paths: &infra_config::Paths) -> Self {
-        let base = paths.kernel.clone();
-        let with = |suffix: &str| {
-            let mut s = base.clone().into_os_string();
-            s.push(suffix);
-            PathBuf::from(s)
-        };
         Self {
-            manifest: with(".json"),
-            modules: with(".modules"),
-            vmlinux: base,
+            manifest: paths.kernel_manifest(),
+            modules: paths.kernel_modules(),
+            vmlinux: paths.kernel.clone(),
             initramfs_cache: paths.cache.join("initramfs"),
         }
     }

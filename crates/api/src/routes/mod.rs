@@ -279,7 +279,7 @@ pub async fn rootfs_list(
         }));
     }
     let mut rootfs = Vec::new();
-    for (path, name) in infra_store::artifacts::local_artifacts(&state.paths)? {
+    for (path, name) in infra_store::artifacts::local_images(&state.paths)? {
         let Some(lang) = name
             .strip_prefix("rootfs-")
             .and_then(|n| n.strip_suffix(".ext4"))

@@ -548,3 +548,156 @@ pub async fn sync_does_not_follow_links_in_destination(store: Arc<dyn ObjectStor
     );
     assert_eq!(outside_names(), ["victim"], "a delete went through a link");
 }
+
+/// The kernel travels as a bundle (modules, vmlinux, manifest) and lands as `kernel install`
+/// leaves it; a manifest naming a hostile module or another kernel is refused with nothing
+/// written; a vmlinux alone replaces the kernel and drops the stale manifest and modules.
+pub async fn kernel_bundle(store: Arc<dyn ObjectStore>, dir: &Path) {
+    use infra_store::artifacts::{
+        download_kernel, ensure_kernel, upload_kernel, KERNEL_MANIFEST_KEY,
+    };
+    let a = infra_config::Paths::under(dir.join("a"));
+    std::fs::create_dir_all(a.kernel_modules()).unwrap();
+    random_file(&a.kernel, (3 * MIB) as usize, 7);
+    for (i, m) in ["virtio_blk", "virtio_net"].iter().enumerate() {
+        random_file(
+            &a.kernel_modules().join(format!("{m}.ko")),
+            40_000 + i,
+            20 + i as u64,
+        );
+    }
+    let manifest = format!(
+        "{{\"release\":\"6.1.0-test\",\"source\":\"deb:x\",\"compression\":\"none\",\
+         \"sha256\":\"{}\",\"bytes\":{},\"modules\":[\"virtio_blk\",\"virtio_net\"],\
+         \"installed_at\":\"2026-12-03T00:00:00Z\"}}",
+        sha256(&a.kernel),
+        3 * MIB
+    );
+    std::fs::write(a.kernel_manifest(), &manifest).unwrap();
+    let e = engine(store.clone(), small_parts(&dir.join("state")));
+    let sent: Vec<String> = upload_kernel(&e, &a)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.key)
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            "vmlinux.modules/virtio_blk.ko",
+            "vmlinux.modules/virtio_net.ko",
+            "vmlinux",
+            "vmlinux.json"
+        ]
+    );
+
+    // A fresh home gets the whole bundle, byte for byte.
+    let b = infra_config::Paths::under(dir.join("b"));
+    let got = ensure_kernel(&e, &b).await.unwrap().expect("fetched");
+    assert_eq!(got.len(), 3, "two modules and the kernel");
+    assert_eq!(sha256(&b.kernel), sha256(&a.kernel));
+    assert_eq!(
+        std::fs::read_to_string(b.kernel_manifest()).unwrap(),
+        manifest
+    );
+    for m in ["virtio_blk", "virtio_net"] {
+        let f = format!("{m}.ko");
+        assert_eq!(
+            std::fs::read(b.kernel_modules().join(&f)).unwrap(),
+            std::fs::read(a.kernel_modules().join(&f)).unwrap()
+        );
+    }
+    assert!(
+        ensure_kernel(&e, &b).await.unwrap().is_none(),
+        "present: no fetch"
+    );
+    let leftovers = |p: &infra_config::Paths| -> Vec<String> {
+        std::fs::read_dir(&p.home)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("download"))
+            .collect()
+    };
+    assert!(leftovers(&b).is_empty(), "{:?}", leftovers(&b));
+
+    // Hostile manifests from the store: refused before any key or path is made of them.
+    let put = |body: String| {
+        let store = store.clone();
+        async move {
+            store
+                .put(
+                    KERNEL_MANIFEST_KEY,
+                    Body::Bytes(Bytes::from(body)),
+                    &Metadata::new(),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let sha = sha256(&a.kernel);
+    let escape = dir.join("escaped");
+    for (body, why) in [
+        (
+            format!(
+                "{{\"sha256\":\"{sha}\",\"modules\":[\"../../../{}\"]}}",
+                escape.display()
+            ),
+            "module name",
+        ),
+        (
+            format!("{{\"sha256\":\"{sha}\",\"modules\":[\"a/b\"]}}"),
+            "module name",
+        ),
+        (
+            format!("{{\"sha256\":\"{sha}\",\"modules\":[\"x\",\"x\"]}}"),
+            "named twice",
+        ),
+        (
+            format!(
+                "{{\"sha256\":\"{sha}\",\"modules\":{:?}}}",
+                (0..65).map(|i| format!("m{i}")).collect::<Vec<_>>()
+            ),
+            "at most 64",
+        ),
+        ("{\"sha256\":\"../x\"}".to_string(), "64 hex"),
+        ("not json".to_string(), "not valid"),
+    ] {
+        put(body).await;
+        let c = infra_config::Paths::under(dir.join("c"));
+        let err = download_kernel(&e, &c).await.unwrap_err();
+        assert!(matches!(err, Error::Invalid { .. }), "{why}: {err}");
+        assert!(err.to_string().contains(why), "{why}: {err}");
+        assert!(!c.kernel.exists() && !escape.exists(), "{why}");
+    }
+    // A manifest of another kernel: the download is discarded, b keeps its kernel.
+    let before = sha256(&b.kernel);
+    put(format!(
+        "{{\"sha256\":\"{}\",\"modules\":[\"virtio_blk\"]}}",
+        hex_sha(b"another kernel")
+    ))
+    .await;
+    let err = download_kernel(&e, &b).await.unwrap_err();
+    assert!(matches!(err, Error::ChecksumMismatch { .. }), "{err}");
+    assert_eq!(sha256(&b.kernel), before);
+    assert_eq!(
+        std::fs::read_to_string(b.kernel_manifest()).unwrap(),
+        manifest
+    );
+    assert!(b.kernel_modules().join("virtio_net.ko").exists());
+    assert!(leftovers(&b).is_empty(), "{:?}", leftovers(&b));
+
+    // A kernel without a manifest (built-in drivers): uploading it removes the stale
+    // manifest; downloading it drops b's manifest and modules, which described another one.
+    std::fs::remove_file(a.kernel_manifest()).unwrap();
+    random_file(&a.kernel, (2 * MIB) as usize, 9);
+    let sent = upload_kernel(&e, &a).await.unwrap();
+    assert_eq!(sent.len(), 1);
+    assert!(matches!(
+        store.head(KERNEL_MANIFEST_KEY, None).await,
+        Err(Error::NoSuchKey { .. })
+    ));
+    download_kernel(&e, &b).await.unwrap();
+    assert_eq!(sha256(&b.kernel), sha256(&a.kernel));
+    assert!(!b.kernel_manifest().exists() && !b.kernel_modules().exists());
+}
