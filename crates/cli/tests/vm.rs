@@ -1104,3 +1104,88 @@ fn http_api_hands_out_pool_vms_once_and_refills() {
     std::fs::remove_file(&cfg).unwrap();
     assert_clean();
 }
+
+/// A fresh host with nothing but a bucket configured runs code: the kernel bundle, the image
+/// and the snapshot come from the store (a real Garage), and neither apt nor debootstrap is
+/// on its PATH, so nothing could have come from elsewhere. The run restores the snapshot.
+#[test]
+fn fresh_host_runs_from_a_bucket_alone() {
+    let _g = vm_lock();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let garage = rt.block_on(infra_store::testing::Garage::start());
+    rt.block_on(garage.create_bucket("fleet"));
+    let with_bucket = |c: &mut Command| {
+        for (k, v) in garage.env() {
+            c.env(k, v);
+        }
+        c.env("BUCKET", "s3://fleet/prod");
+    };
+    let snap = home().join("snapshots/python");
+    let _cleanup = SnapshotGuard(snap.clone());
+    let o = run(&["snapshot", "create", "--lang", "python", "--json"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    for args in [
+        &["store", "upload", "--all"][..],
+        &["snapshot", "upload", "--lang", "python"][..],
+    ] {
+        let mut c = cli(args);
+        with_bucket(&mut c);
+        let o = c.stdin(Stdio::null()).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+    }
+    let mut c = cli(&["snapshot", "list", "--remote", "--json"]);
+    with_bucket(&mut c);
+    let listed = json(&c.output().unwrap());
+    assert_eq!(listed[0]["lang"], "python", "{listed}");
+    assert_eq!(listed[0]["manifest"]["mem_mib"], 512, "{listed}");
+
+    // The fresh host: an empty home, and a PATH with QEMU and objcopy only.
+    let private = Path::new(env!("CARGO_TARGET_TMPDIR")).join("private");
+    let fresh = tempfile::Builder::new()
+        .prefix("fresh-host-")
+        .tempdir_in(&private)
+        .unwrap();
+    // The VMM runs as a uid of its own: its binary's directory must be searchable by it.
+    let bin_dir = tempfile::Builder::new()
+        .prefix("fresh-host-bin-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = bin_dir.path().to_path_buf();
+    for tool in ["qemu-system-x86_64", "objcopy"] {
+        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+            .map(|d| d.join(tool))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{tool} not on PATH"));
+        std::os::unix::fs::symlink(found, bin.join(tool)).unwrap();
+    }
+    let fresh_home = fresh.path().join("home");
+    let mut c = Command::new(BIN);
+    c.env_remove("RUST_LOG")
+        .env("INFRA_OPERATOR_HOME", &fresh_home)
+        .env("PATH", &bin)
+        .args(["run", "-l", "python", "--json", "-c", "print(6 * 7)"]);
+    with_bucket(&mut c);
+    let o = c.stdin(Stdio::null()).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let r = json(&o);
+    assert_eq!(r["stdout"], "42\n", "{r}");
+    assert_eq!(r["start"], "restore", "{r}\n{}", text(&o.stderr));
+    for f in [
+        "vmlinux",
+        "vmlinux.json",
+        "vmlinux.modules",
+        "images/rootfs-python.ext4",
+        "images/rootfs-python.json",
+        "snapshots/python/manifest.json",
+    ] {
+        assert!(fresh_home.join(f).exists(), "{f} was not fetched");
+    }
+    assert_eq!(
+        std::fs::read(fresh_home.join("vmlinux")).unwrap(),
+        std::fs::read(home().join("vmlinux")).unwrap()
+    );
+    let left = vm_dirs_left(&fresh_home.join("run"));
+    assert!(left.is_empty(), "VM directories left behind: {left:?}");
+    assert_clean();
+}
