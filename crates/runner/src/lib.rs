@@ -840,10 +840,19 @@ impl Runner {
     ) -> Result<RunOutcome, RunError> {
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
+        let t = Instant::now();
         let result = converse(&mut ready, spec, &mut stdout, &mut stderr, on_output).await;
+        let conversed = t.elapsed();
         let backend = ready.vm.backend().to_string();
         let accel = ready.vm.accel().to_string();
         let stop = ready.vm.stop().await;
+        tracing::debug!(
+            conversation_ms = conversed.as_millis() as u64,
+            exec_ms = result.as_ref().map(|r| r.0.wall_ms).unwrap_or(0),
+            stop_ms = (t.elapsed() - conversed).as_millis() as u64,
+            start,
+            "run finished"
+        );
         let (exit, collected): (Exit, CollectedOutputs) = result?;
         if let Err(e) = stop {
             remove_outputs(&collected.files);
