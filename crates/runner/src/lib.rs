@@ -323,6 +323,9 @@ pub struct ReadyVm {
     pub info: AgentInfo,
     /// Start-to-ready time.
     pub boot: Duration,
+    /// The workspace's `output/` exists already (a pool VM prepares it while it waits, which
+    /// saves the hand-out a round trip to the guest).
+    pub workspace_ready: bool,
 }
 
 /// Boots VMs and runs programs in them.
@@ -659,6 +662,7 @@ impl Runner {
             mut client,
             info,
             boot,
+            workspace_ready: _,
         } = ready;
         let result = self
             .save_ready(&mut vm, &mut client, &info, boot, req, &cfg, parent)
@@ -917,8 +921,11 @@ async fn converse(
             total += std::fs::metadata(&f.source).map_or(0, |m| m.len());
         }
         let client = &mut ready.client;
+        let make_output = !ready.workspace_ready;
         let place = async {
-            client.make_dir(OUTPUT_DIR).await?;
+            if make_output {
+                client.make_dir(OUTPUT_DIR).await?;
+            }
             for f in &spec.files {
                 let file = tokio::fs::File::open(&f.source).await.map_err(|source| {
                     RunError::InputFile {
@@ -1408,6 +1415,7 @@ async fn ready_vm(
             client,
             info,
             boot: started.elapsed(),
+            workspace_ready: false,
         }),
         Err(e) => {
             let _ = vm.stop().await;

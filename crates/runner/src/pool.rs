@@ -382,7 +382,10 @@ impl Pool {
                 snapshot: Some(dir.clone()),
             };
             match runner.restore(&run, &spec.initramfs, dir).await {
-                Ok(vm) => return Ok((vm, "restore", started.elapsed().as_secs_f64())),
+                Ok(vm) => {
+                    let vm = prepare_workspace(vm).await?;
+                    return Ok((vm, "restore", started.elapsed().as_secs_f64()));
+                }
                 Err(e) => {
                     tracing::info!(lang = %spec.lang, reason = %e, "pool: booting instead of restoring")
                 }
@@ -397,7 +400,36 @@ impl Pool {
                 spec.vcpus,
             )
             .await?;
+        let vm = prepare_workspace(vm).await?;
         Ok((vm, "boot", started.elapsed().as_secs_f64()))
+    }
+}
+
+/// Creates the workspace's `output/` while the VM waits in the pool, so the hand-out does not
+/// wait for it. A VM whose agent fails here is stopped and never handed out.
+async fn prepare_workspace(mut vm: ReadyVm) -> Result<ReadyVm, crate::RunError> {
+    if !vm.client.supports(infra_protocol::FEATURE_FILE_TRANSFER) {
+        return Ok(vm);
+    }
+    match tokio::time::timeout(
+        Duration::from_secs(30),
+        vm.client.make_dir(crate::OUTPUT_DIR),
+    )
+    .await
+    {
+        Ok(Ok(())) => {
+            vm.workspace_ready = true;
+            Ok(vm)
+        }
+        Ok(Err(e)) => {
+            let _ = vm.vm.stop().await;
+            Err(e)
+        }
+        Err(_) => {
+            let console = vm.vm.console_tail(15);
+            let _ = vm.vm.stop().await;
+            Err(crate::RunError::AgentSilent { secs: 30, console })
+        }
     }
 }
 
