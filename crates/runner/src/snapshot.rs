@@ -496,10 +496,11 @@ pub fn reseed_material() -> (Vec<u8>, u64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn manifest() -> SnapshotManifest {
+    /// A valid manifest of a python VM with no files (other modules' tests use it too).
+    pub(crate) fn manifest() -> SnapshotManifest {
         SnapshotManifest {
             format: SNAPSHOT_FORMAT,
             machine: Expected {
