@@ -72,6 +72,8 @@ def main():
         log("building infra-cli (release)")
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "infra-cli"], cwd=REPO, check=True)
     agent = os.path.join(os.path.dirname(BIN), "infra-operator-agent")
+    if not os.path.exists(agent):  # a cargo target directory: the `agent` profile's output
+        agent = os.path.join(os.path.dirname(os.path.dirname(BIN)), "agent", "infra-operator-agent")
     sizes = {"cli": os.path.getsize(BIN), "agent": os.path.getsize(agent) if os.path.exists(agent) else 0}
     snap_dir = os.path.join(HOME, "snapshots", "python")
     log("snapshot create")

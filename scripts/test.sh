@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh --tests
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# `cargo test --workspace` also builds the agent binary beside the debug CLI (the agent crate's
+# own tests need it), so the VM tests ship the slim agent of this tree.
 cargo test --workspace

@@ -86,6 +86,19 @@ impl std::fmt::Display for Missing {
 
 impl std::error::Error for Missing {}
 
+/// Sets up logging (`RUST_LOG`, full `EnvFilter` syntax, else `default`) on stderr. The agent
+/// binary uses the lighter `infra_guest::cli::init_logging`.
+fn init_logging(default: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
 fn main() {
     // Inside a VM, this binary is also the initramfs's /init.
     if infra_guest::initramfs::is_initramfs_init() {
@@ -93,7 +106,7 @@ fn main() {
     }
     let cli = Cli::parse();
     // aws-config warns for every credential source it tries; errors say it once.
-    infra_guest::cli::init_logging("warn,aws_config=error");
+    init_logging("warn,aws_config=error");
     let _ = rustls::crypto::ring::default_provider().install_default();
     let paths = infra_config::Paths::from_env();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -321,7 +321,8 @@ fn request(
     let size = SizeSpec::parse(&out.size, out.headroom).map_err(anyhow::Error::msg)?;
     let agent = match &out.agent {
         Some(a) => a.clone(),
-        None => infra_config::agent_binary().context("cannot locate the agent binary to inject")?,
+        None => infra_config::agent_binary(infra_guest::AGENT_BUILD_VERSION)
+            .context("cannot locate the agent binary to inject")?,
     };
     Ok(BuildRequest {
         name: name.to_string(),

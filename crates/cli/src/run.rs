@@ -62,6 +62,8 @@ impl VmArgs {
     pub fn runner(&self, paths: &Paths) -> Result<Runner> {
         let mut o =
             RunnerOptions::for_host().context("cannot locate this executable (the agent)")?;
+        o.agent = infra_config::agent_binary(infra_guest::AGENT_BUILD_VERSION)
+            .context("cannot locate the agent binary")?;
         o.backend = match self.backend.as_str() {
             "firecracker" => BackendChoice::Firecracker,
             "qemu" => BackendChoice::Qemu,

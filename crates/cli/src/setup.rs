@@ -75,7 +75,9 @@ pub fn run(a: SetupArgs, paths: &Paths) -> Result<()> {
         }),
         package: None,
     });
-    let runner = infra_runner::Runner::new(infra_runner::RunnerOptions::for_host()?, &paths.cache);
+    let mut opts = infra_runner::RunnerOptions::for_host()?;
+    opts.agent = infra_config::agent_binary(infra_guest::AGENT_BUILD_VERSION)?;
+    let runner = infra_runner::Runner::new(opts, &paths.cache);
     let kvm = match (infra_vmm::kvm_openable(), runner.kvm_verdict()) {
         (false, _) => (false, "/dev/kvm cannot be opened: VMs run under TCG (slow)".to_string()),
         (true, Some((ok, reason))) => (ok, format!("probe boot on this host boot: {reason}")),

@@ -192,28 +192,48 @@ pub struct Paths {
 /// File name of the slim agent binary installed beside `infra-operator`.
 pub const AGENT_BINARY: &str = "infra-operator-agent";
 
-/// The agent this host puts into images and initramfs: `infra-operator-agent` beside this
-/// executable when it reports this build's version (`--version`), else this executable
-/// itself (the full CLI is an agent too, only larger), so a stale agent left beside a newer
-/// CLI is never shipped.
-pub fn agent_binary() -> std::io::Result<PathBuf> {
+/// Cargo profile the slim agent is built with (`cargo build --profile agent -p infra-agent`),
+/// so also the directory it lands in beside `debug` and `release` in a cargo target directory.
+pub const AGENT_PROFILE: &str = "agent";
+
+/// The agent this host puts into images and initramfs: `infra-operator-agent` when it reports
+/// `version` (`--version` prints `infra.operator VERSION`; the CLI passes the guest crate's
+/// version with its source fingerprint), looked for beside this executable and, when this
+/// executable runs from a cargo target directory, in that directory's `agent` profile
+/// directory; else this executable itself (the full CLI is an agent too, only larger). So an
+/// agent built from other sources than this host's is never shipped.
+pub fn agent_binary(version: &str) -> std::io::Result<PathBuf> {
     let me = std::env::current_exe()?;
-    let slim = me.with_file_name(AGENT_BINARY);
-    if me.file_name().is_some_and(|n| n != AGENT_BINARY)
-        && std::fs::metadata(&slim).is_ok_and(|m| m.is_file())
-    {
-        let said = std::process::Command::new(&slim)
-            .arg("--version")
-            .stdin(std::process::Stdio::null())
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-        let want = format!("infra.operator {}", env!("CARGO_PKG_VERSION"));
-        if said.as_deref() == Some(want.as_str()) {
-            return Ok(slim);
+    if me.file_name().is_some_and(|n| n == AGENT_BINARY) {
+        return Ok(me);
+    }
+    let want = format!("infra.operator {version}");
+    let reports = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file())
+            && std::process::Command::new(p)
+                .arg("--version")
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == want)
+    };
+    Ok(agent_candidates(&me)
+        .into_iter()
+        .find(|p| reports(p))
+        .unwrap_or(me))
+}
+
+/// Where [`agent_binary`] looks, in order: beside `exe`, then (when `exe`'s directory is a
+/// profile directory of a cargo target directory, which holds `CACHEDIR.TAG`) in the `agent`
+/// profile directory next to it.
+fn agent_candidates(exe: &Path) -> Vec<PathBuf> {
+    let mut c = vec![exe.with_file_name(AGENT_BINARY)];
+    if let Some(target) = exe.parent().and_then(Path::parent) {
+        if target.join("CACHEDIR.TAG").is_file() {
+            c.push(target.join(AGENT_PROFILE).join(AGENT_BINARY));
         }
     }
-    Ok(me)
+    c
 }
 
 impl Paths {
@@ -413,6 +433,23 @@ impl DirError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agent_is_looked_for_beside_and_in_the_agent_profile_of_a_target_dir() {
+        let t = tempfile::tempdir().unwrap();
+        let debug = t.path().join("debug");
+        std::fs::create_dir(&debug).unwrap();
+        let exe = debug.join("infra-operator");
+        assert_eq!(agent_candidates(&exe), vec![debug.join(AGENT_BINARY)]);
+        std::fs::write(t.path().join("CACHEDIR.TAG"), "").unwrap();
+        assert_eq!(
+            agent_candidates(&exe),
+            vec![
+                debug.join(AGENT_BINARY),
+                t.path().join("agent").join(AGENT_BINARY)
+            ]
+        );
+    }
 
     #[test]
     fn root_uses_the_seed_layout() {

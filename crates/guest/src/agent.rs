@@ -30,6 +30,16 @@ use crate::reaper::{ReapMode, Reaper};
 /// The agent's build version, reported in `hello_reply`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The version with the fingerprint of the sources the agent is built from (see `build.rs`):
+/// what `infra-operator-agent --version` prints after the program name, and what the host
+/// requires of the agent binary it ships ([`infra_config::agent_binary`]).
+pub const AGENT_BUILD_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (build ",
+    env!("INFRA_AGENT_BUILD"),
+    ")"
+);
+
 /// uid/gid that untrusted code runs as when the agent is root and no `run_as` is given
 /// (`nobody`/`nogroup`).
 pub const DEFAULT_RUN_AS: (u32, u32) = (65534, 65534);

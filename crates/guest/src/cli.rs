@@ -72,15 +72,25 @@ pub async fn run(a: GuestArgs) -> Result<()> {
     crate::run_agent(opts).await.context("guest agent failed")
 }
 
-/// Sets up logging (`RUST_LOG`, default `warn`) on stderr, as both binaries do.
+/// Sets up logging on stderr: `RUST_LOG` as `LEVEL` and `TARGET=LEVEL` directives (e.g.
+/// `debug` or `warn,infra_guest=debug`; no span or field filters, which need a regex engine the
+/// agent binary does without), else `default`.
 pub fn init_logging(default: &str) {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| v.parse::<Targets>().ok())
+        .or_else(|| default.parse::<Targets>().ok())
+        .unwrap_or_default();
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with(filter)
         .init();
 }
 

@@ -29,8 +29,8 @@ mod reaper;
 mod reseed;
 
 pub use agent::{
-    run_agent, Agent, AgentOptions, ShutdownHandle, ShutdownKind, AGENT_VERSION, DEFAULT_RUN_AS,
-    DEFAULT_WORKSPACE, MAX_FILE_BYTES, VM_WORKSPACE,
+    run_agent, Agent, AgentOptions, ShutdownHandle, ShutdownKind, AGENT_BUILD_VERSION,
+    AGENT_VERSION, DEFAULT_RUN_AS, DEFAULT_WORKSPACE, MAX_FILE_BYTES, VM_WORKSPACE,
 };
 pub use error::{AgentError, ExecError, FileError, ListenParseError};
 pub use listen::{find_serial_port, parse_listen, BoundAddr, ListenUri};

@@ -91,7 +91,8 @@ pub struct RunnerOptions {
     pub vm_uids: infra_vmm::uid::UidRange,
     /// How long a VM may take to boot to a ready agent.
     pub boot_timeout: Duration,
-    /// The agent binary that becomes the initramfs `/init` ([`infra_config::agent_binary`]).
+    /// The agent binary that becomes the initramfs `/init` (the CLI sets the slim agent from
+    /// [`infra_config::agent_binary`]).
     pub agent: PathBuf,
     /// Where per-VM directories are created.
     pub run_dir: PathBuf,
@@ -113,7 +114,7 @@ impl RunnerOptions {
             no_jailer: false,
             vm_uids: infra_vmm::uid::UidRange::default(),
             boot_timeout: Duration::from_secs(120),
-            agent: infra_config::agent_binary()?,
+            agent: std::env::current_exe()?,
             run_dir: default_run_dir(),
             extra_args: String::new(),
         })

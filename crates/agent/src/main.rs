@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(
     name = "infra.operator",
-    version,
+    version = infra_guest::AGENT_BUILD_VERSION,
     about = "The infra.operator guest agent (the in-VM part of infra.operator)",
     after_help = "Examples:
   infra.operator guest --port 5000
