@@ -65,3 +65,9 @@ async fn sync_does_not_follow_links_in_destination() {
     let d = tempfile::tempdir().unwrap();
     scenarios::sync_does_not_follow_links_in_destination(store(d.path(), ""), d.path()).await;
 }
+
+#[tokio::test]
+async fn part_lists_verified_and_hostile_lists_refused() {
+    let d = tempfile::tempdir().unwrap();
+    scenarios::part_lists(store(d.path(), "dev"), d.path()).await;
+}
