@@ -46,7 +46,7 @@ impl DownloadSummary {
             rate(self.size, self.seconds),
             match self.verified {
                 crate::Verified::Sha256 => "verified",
-                crate::Verified::Parts => "of every part verified",
+                crate::Verified::Parts => "verified per part",
                 crate::Verified::Unverified => "not in the object's metadata: not verified",
             }
         )
