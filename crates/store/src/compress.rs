@@ -486,7 +486,11 @@ impl Engine {
             size,
             bytes_received: received,
             sha256: sha,
-            verified: expected_sha.is_some(),
+            verified: if expected_sha.is_some() {
+                crate::Verified::Sha256
+            } else {
+                crate::Verified::Unverified
+            },
             version_id: info.version_id.clone(),
             resumed_chunks: 0,
             seconds: t0.elapsed().as_secs_f64(),

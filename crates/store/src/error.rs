@@ -171,6 +171,23 @@ pub enum Error {
         path: Option<PathBuf>,
     },
 
+    /// One part of a download does not have the sha256 recorded for it at upload.
+    #[error(
+        "checksum mismatch for {target}: {detail}; the download was discarded and {kept}; upload \
+         the object again if it is corrupt in the store",
+        kept = match path { Some(p) => format!("{} was left as it was", p.display()), None => "nothing was written".to_string() }
+    )]
+    PartMismatch {
+        /// Object.
+        target: String,
+        /// 1-based part number.
+        part: u64,
+        /// `part N of M (bytes A..B) has sha256 X, its part list says Y`.
+        detail: String,
+        /// Local file that was kept unchanged.
+        path: Option<PathBuf>,
+    },
+
     /// A local file does not have the sha256 its manifest (or the hash cache) claims: it changed
     /// after the manifest was written. Nothing was stored.
     #[error(
@@ -341,6 +358,7 @@ impl Error {
         match self {
             Self::NoSuchBucket { .. } | Self::NoSuchKey { .. } => K::NotFound,
             Self::ChecksumMismatch { .. }
+            | Self::PartMismatch { .. }
             | Self::SourceMismatch { .. }
             | Self::Corrupt { .. }
             | Self::UnsafeKey { .. }

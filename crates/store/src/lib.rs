@@ -20,6 +20,7 @@ mod hashes;
 pub mod keys;
 mod local;
 mod object;
+pub mod parts;
 mod progress;
 pub mod report;
 mod s3;
@@ -29,7 +30,9 @@ mod transfer;
 pub use compress::{ZSTD_LEVEL, ZST_SUFFIX};
 pub use config::{Location, Origin, StoreConfig, StoreFlags, CONFIG_ENV};
 pub use error::{CredentialProblem, Error, Result, ACCESS_DENIED_HINTS};
-pub use hashes::{etag_of_file, local_matches_etag, parse_etag, sha256_file, HashCache};
+pub use hashes::{
+    etag_of_file, local_matches_etag, parse_etag, sha256_file, sha256_file_parts, HashCache,
+};
 pub use keys::{check_key, existing_key_path, prepare_key_path, safe_key_path, KeyProblem};
 pub use local::{LocalStore, STATE_DIR};
 pub use object::{
@@ -41,7 +44,7 @@ pub use progress::{NoProgress, Progress};
 pub use s3::{S3Settings, S3Store, Sse, DEFAULT_REGION};
 pub use transfer::{
     auto_part_size, choose_part_size, partial_paths, DownloadSummary, Engine, TransferOptions,
-    UploadSummary, DEFAULT_CONCURRENCY, DEFAULT_PART, MAX_PARTS,
+    UploadSummary, Verified, DEFAULT_CONCURRENCY, DEFAULT_PART, MAX_PARTS,
 };
 
 #[cfg(feature = "testing")]

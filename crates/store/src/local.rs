@@ -489,7 +489,10 @@ impl ObjectStore for LocalStore {
             let mut out = Vec::new();
             let base = this.root.join(this.prefix.trim_end_matches('/'));
             this.walk(&base, "", &mut out)?;
-            out.retain(|o| o.key.starts_with(&prefix));
+            let sidecars = crate::parts::is_sidecar_key(&prefix);
+            out.retain(|o| {
+                o.key.starts_with(&prefix) && (sidecars || !crate::parts::is_sidecar_key(&o.key))
+            });
             out.sort_by(|a, b| a.key.cmp(&b.key));
             Ok(out)
         })

@@ -202,7 +202,8 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Backend kind.
     fn kind(&self) -> BackendKind;
 
-    /// All objects whose key starts with `prefix` (recursive), sorted by key.
+    /// All objects whose key starts with `prefix` (recursive), sorted by key. Part-list sidecars
+    /// (`.parts/…`, see [`crate::parts`]) are left out unless `prefix` is within `.parts/`.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;
     /// One object's info including metadata.
     async fn head(&self, key: &str, version_id: Option<&str>) -> Result<ObjectInfo>;

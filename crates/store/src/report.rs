@@ -44,10 +44,10 @@ impl DownloadSummary {
             aws_size(self.size, true),
             self.seconds,
             rate(self.size, self.seconds),
-            if self.verified {
-                "verified"
-            } else {
-                "not in the object's metadata: not verified"
+            match self.verified {
+                crate::Verified::Sha256 => "verified",
+                crate::Verified::Parts => "verified per part",
+                crate::Verified::Unverified => "not in the object's metadata: not verified",
             }
         )
     }

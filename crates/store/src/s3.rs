@@ -567,6 +567,9 @@ impl ObjectStore for S3Store {
                 let Some(key) = o.key().and_then(|k| k.strip_prefix(&self.prefix)) else {
                     continue;
                 };
+                if crate::parts::is_sidecar_key(key) && !crate::parts::is_sidecar_key(prefix) {
+                    continue;
+                }
                 out.push(ObjectInfo {
                     key: key.to_string(),
                     size: o.size().unwrap_or(0).max(0) as u64,

@@ -199,7 +199,8 @@ async fn list_side(side: &SyncSide) -> Result<BTreeMap<String, Entry>> {
             .list("")
             .await?
             .into_iter()
-            .filter(|o| !o.key.ends_with('/'))
+            // Part-list sidecars belong to the objects that name them, not to the tree.
+            .filter(|o| !o.key.ends_with('/') && !crate::parts::is_sidecar_key(&o.key))
             .map(|o| {
                 (
                     o.key.clone(),

@@ -2,14 +2,18 @@
 //! atomic publication and resume.
 //!
 //! - **Uploads** hash the file first (the sha256 goes into the object's metadata, which S3 only
-//!   accepts when the upload starts), then send parts streamed from disk: memory stays at a few
-//!   buffers whatever the size. A multipart upload's id is kept in a small state file; when the
+//!   accepts when the upload starts; multipart uploads also hash each part in the same read and
+//!   record the part list, see [`crate::parts`]), then send parts streamed from disk: memory
+//!   stays at a few buffers whatever the size. A multipart upload's id is kept in a small state file; when the
 //!   same file is uploaded again after an interruption, the parts the store already has
 //!   (ListParts) are skipped.
 //! - **Downloads** go to `.{name}.part` beside the target, chunk by chunk with ranged GETs in
 //!   parallel (`If-Match` on the ETag so a changed object is never mixed), zero blocks are not
-//!   written (the file stays sparse), the sha256 is computed in order while chunks arrive and
-//!   compared with the metadata, then fsync and rename. A `.{name}.part.json` records finished
+//!   written (the file stays sparse). Objects with a part list are fetched one part per range
+//!   and each part is hashed by the task that fetched it and checked against its digest before
+//!   it counts as written (no second pass, whatever order parts arrive in); objects without one
+//!   get the whole-object sha256 computed in order while chunks arrive and compared with the
+//!   metadata. Then fsync and rename. A `.{name}.part.json` records finished
 //!   chunks, so an interrupted download resumes. On a mismatch the old file stays untouched.
 
 use std::collections::BTreeSet;
@@ -24,8 +28,9 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
 
 use crate::error::{Error, IoContext, Result};
-use crate::hashes::{sha256_file, HashCache};
+use crate::hashes::{sha256_file, sha256_file_parts, HashCache};
 use crate::object::{Body, GetOptions, Metadata, ObjectInfo, ObjectStore, PartInfo, META_SHA256};
+use crate::parts::{self, PartList};
 use crate::progress::Progress;
 
 const MIB: u64 = 1024 * 1024;
@@ -139,16 +144,38 @@ pub struct DownloadSummary {
     pub size: u64,
     /// Bytes received now.
     pub bytes_received: u64,
-    /// sha256 of what was written.
+    /// sha256 of what was written: computed (`verified` = `sha256` or `none`), or, when the parts
+    /// were verified instead, the one in the object's metadata, not recomputed (`parts`).
     pub sha256: String,
-    /// True when it was compared with the sha256 in the object's metadata.
-    pub verified: bool,
+    /// How the content was checked.
+    pub verified: Verified,
     /// Version downloaded.
     pub version_id: Option<String>,
     /// Chunks already present from an interrupted download.
     pub resumed_chunks: usize,
     /// Wall time in seconds.
     pub seconds: f64,
+}
+
+/// How a download was checked (`verified` in its summary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verified {
+    /// The whole-object sha256 was computed and matched the object's metadata.
+    Sha256,
+    /// Every part's sha256 matched the object's part list (whose digest is in its metadata); the
+    /// whole-object sha256 was not recomputed.
+    Parts,
+    /// Nothing to compare with: the object has neither a sha256 nor a part list.
+    #[serde(rename = "none")]
+    Unverified,
+}
+
+impl Verified {
+    /// True unless nothing was checked.
+    pub fn is_verified(self) -> bool {
+        self != Self::Unverified
+    }
 }
 
 /// Moves bytes between local files and one store.
@@ -269,6 +296,98 @@ impl Engine {
         Ok(sha)
     }
 
+    /// sha256 and part sha256s of a local file, from the cache or by reading it once.
+    /// With `expected` (from a manifest), a different sha256 is refused and not cached.
+    async fn local_sha256_parts(
+        &self,
+        path: &Path,
+        md: &std::fs::Metadata,
+        part_size: u64,
+        expected: Option<&str>,
+    ) -> Result<(String, Vec<[u8; 32]>)> {
+        let mismatch = |actual: &str| {
+            expected
+                .filter(|e| !e.eq_ignore_ascii_case(actual))
+                .map(|e| Error::SourceMismatch {
+                    path: path.to_path_buf(),
+                    expected: e.to_ascii_lowercase(),
+                    actual: actual.to_string(),
+                })
+        };
+        if let (Some(s), Some(d)) = (
+            self.hashes.sha256(path, md),
+            self.hashes.part_digests(path, md, part_size),
+        ) {
+            return match mismatch(&s) {
+                Some(e) => Err(e),
+                None => Ok((s, d)),
+            };
+        }
+        let id = format!("sha256:{}", path.display());
+        let label = format!(
+            "sha256 {}",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        );
+        self.progress.start(&id, &label, Some(md.len()));
+        let p = path.to_path_buf();
+        let progress = self.progress.clone();
+        let id2 = id.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            sha256_file_parts(&p, part_size, |n| progress.advance(&id2, n))
+        })
+        .await
+        .map_err(|e| Error::io("read", path, std::io::Error::other(e)))?;
+        self.progress.finish(&id);
+        let (sha, digests) = r?;
+        if let Some(e) = mismatch(&sha) {
+            return Err(e);
+        }
+        self.hashes.record_sha256(path, md, &sha);
+        self.hashes
+            .record_part_digests(path, md, part_size, &digests);
+        Ok((sha, digests))
+    }
+
+    /// The part list of an object, fetched from its sidecar and checked; `None` when the
+    /// object has none (or its sidecar is gone: the whole-object sha256 is used instead).
+    async fn part_list(&self, info: &ObjectInfo) -> Result<Option<PartList>> {
+        use futures::StreamExt;
+        let url = self.store.url_of(&info.key);
+        let Some((digest, part_size)) = parts::from_metadata(&info.metadata, &url)? else {
+            return Ok(None);
+        };
+        let key = parts::sidecar_key(&digest);
+        let mut resp = match self.store.get(&key, &GetOptions::default()).await {
+            Ok(r) => r,
+            Err(Error::NoSuchKey { .. }) => {
+                self.progress.note(&format!(
+                    "{url}: its part list {key} is missing; verifying the whole-object sha256 \
+                     instead"
+                ));
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let too_big = || Error::Corrupt {
+            target: url.clone(),
+            reason: format!(
+                "its part list {key} is larger than {} bytes",
+                parts::MAX_SIDECAR
+            ),
+        };
+        if resp.info.size > parts::MAX_SIDECAR {
+            return Err(too_big());
+        }
+        let mut bytes = Vec::with_capacity(resp.info.size as usize);
+        while let Some(b) = resp.body.next().await {
+            bytes.extend_from_slice(&b?);
+            if bytes.len() as u64 > parts::MAX_SIDECAR {
+                return Err(too_big());
+            }
+        }
+        PartList::parse(&bytes, &digest, part_size, info.size, &url).map(Some)
+    }
+
     fn state_file(&self, kind: &str, url: &str) -> Option<PathBuf> {
         let dir = self.opts.state_dir.as_ref()?;
         let h = hex::encode(Sha256::digest(url.as_bytes()));
@@ -286,8 +405,8 @@ impl Engine {
     }
 
     /// Like [`Engine::upload_file`], with the sha256 the file is expected to have (from its
-    /// manifest). That saves the hashing pass before the upload: the file is hashed while its
-    /// parts are sent, and the upload is completed only if the two agree.
+    /// manifest): nothing is stored unless the file has it. (A multipart upload hashes the file
+    /// before sending anyway, for its part list, so the check costs nothing more.)
     pub async fn upload_file_expecting(
         &self,
         path: &Path,
@@ -305,15 +424,26 @@ impl Engine {
             });
         }
         let size = md.len();
-        let (sha, verify_while_sending) = match (self.hashes.sha256(path, &md), expected_sha256) {
-            (Some(s), _) => (s, false),
-            (None, Some(e)) if size > self.opts.multipart_threshold => {
-                (e.to_ascii_lowercase(), true)
-            }
-            _ => (self.local_sha256(path).await?, false),
+        let multipart = size > self.opts.multipart_threshold;
+        let part_size = choose_part_size(size, self.opts.part_size)?;
+        let (sha, part_list) = if multipart {
+            let (sha, digests) = self
+                .local_sha256_parts(path, &md, part_size, expected_sha256)
+                .await?;
+            let list = PartList {
+                size,
+                part_size,
+                digests,
+            };
+            (sha, Some(list))
+        } else {
+            (self.local_sha256(path).await?, None)
         };
         let mut meta = extra.clone();
         meta.insert(META_SHA256.into(), sha.clone());
+        if let Some(list) = &part_list {
+            list.add_to_metadata(&mut meta);
+        }
         let url = self.store.url_of(key);
         let id = format!("up:{url}");
         let label = short_label("upload", key);
@@ -351,8 +481,17 @@ impl Engine {
             });
         }
 
-        let part_size = choose_part_size(size, self.opts.part_size)?;
         let n_parts = size.div_ceil(part_size);
+        if let Some(list) = &part_list {
+            // Before the object exists, so a reader never finds it without its list.
+            self.store
+                .put(
+                    &list.sidecar_key(),
+                    Body::Bytes(list.to_json().into()),
+                    &Metadata::new(),
+                )
+                .await?;
+        }
         let state_path = self.state_file("upload", &url);
         let wanted = UploadState {
             url: url.clone(),
@@ -430,10 +569,6 @@ impl Engine {
         self.progress.start(&id, &label, Some(size));
         self.progress.advance(&id, already);
 
-        let verifier = verify_while_sending.then(|| {
-            let p = path.to_path_buf();
-            tokio::task::spawn_blocking(move || sha256_file(&p, |_| {}))
-        });
         let mut parts = have;
         let mut set: JoinSet<Result<PartInfo>> = JoinSet::new();
         let mut queue = todo.into_iter();
@@ -470,28 +605,7 @@ impl Engine {
         set.abort_all();
         if let Err(e) = result {
             self.progress.finish(&id);
-            if let Some(v) = verifier {
-                v.abort();
-            }
             return Err(e);
-        }
-        if let Some(v) = verifier {
-            let actual = v
-                .await
-                .map_err(|e| Error::io("read", path, std::io::Error::other(e)))??;
-            if actual != sha {
-                self.progress.finish(&id);
-                let _ = self.store.abort_multipart(key, &upload_id).await;
-                if let Some(sp) = &state_path {
-                    let _ = std::fs::remove_file(sp);
-                }
-                return Err(Error::SourceMismatch {
-                    path: path.to_path_buf(),
-                    expected: sha,
-                    actual,
-                });
-            }
-            self.hashes.record_sha256(path, &md, &actual);
         }
         // The file must not have changed while it was being sent.
         let md_after = std::fs::metadata(path).ctx("stat", path)?;
@@ -581,12 +695,19 @@ impl Engine {
             .to_path_buf();
         std::fs::create_dir_all(&dir).ctx("create", &dir)?;
         let (tmp, state_path) = partial_paths(dest);
-        let chunk = self
-            .opts
-            .part_size
-            .unwrap_or(DEFAULT_PART)
-            .clamp(MIB, 1024 * MIB);
-        let chunk = chunk.div_ceil(BLOCK as u64) * BLOCK as u64;
+        // With a part list, one range per part: each is verified on its own.
+        let part_list = self.part_list(info).await?.map(Arc::new);
+        let chunk = match &part_list {
+            Some(l) => l.part_size,
+            None => {
+                let c = self
+                    .opts
+                    .part_size
+                    .unwrap_or(DEFAULT_PART)
+                    .clamp(MIB, 1024 * MIB);
+                c.div_ceil(BLOCK as u64) * BLOCK as u64
+            }
+        };
         let n_chunks = size.div_ceil(chunk);
         let mut state = DownloadState {
             url: url.clone(),
@@ -648,17 +769,36 @@ impl Engine {
             }
         }
         let file = Arc::new(file);
+        if let (Some(list), false) = (&part_list, state.done.is_empty()) {
+            // Parts kept from an interrupted download were verified when they arrived, but the
+            // file was not fsynced: check them again, and fetch again the ones that differ.
+            let (f, l, t) = (file.clone(), list.clone(), tmp.clone());
+            let done: Vec<u64> = state.done.iter().copied().collect();
+            let bad = tokio::task::spawn_blocking(move || verify_on_disk(&f, &t, &l, &done))
+                .await
+                .map_err(|e| Error::io("read", &tmp, std::io::Error::other(e)))??;
+            for i in bad {
+                state.done.remove(&i);
+                punch_hole(&file, i * chunk, list.part_len(i as usize));
+            }
+        }
         let resumed_chunks = state.done.len();
 
-        // The hasher reads finished chunks in order (from the page cache) while others arrive.
-        let (htx, hrx) = std::sync::mpsc::channel::<u64>();
-        let hfile = file.clone();
-        let htmp = tmp.clone();
-        let hasher =
-            tokio::task::spawn_blocking(move || hash_in_order(&hfile, &htmp, size, chunk, hrx));
-        for i in &state.done {
-            let _ = htx.send(*i);
-        }
+        // Without a part list, the hasher reads finished chunks in order (from the page cache)
+        // while others arrive.
+        let (htx, hasher) = if part_list.is_none() {
+            let (htx, hrx) = std::sync::mpsc::channel::<u64>();
+            let hfile = file.clone();
+            let htmp = tmp.clone();
+            let hasher =
+                tokio::task::spawn_blocking(move || hash_in_order(&hfile, &htmp, size, chunk, hrx));
+            for i in &state.done {
+                let _ = htx.send(*i);
+            }
+            (Some(htx), Some(hasher))
+        } else {
+            (None, None)
+        };
 
         let id = format!("down:{url}:{}", dest.display());
         self.progress
@@ -682,13 +822,45 @@ impl Engine {
                     let tmp = tmp.clone();
                     let progress = progress.clone();
                     let id = id.clone();
+                    let range = i * chunk..(i * chunk + chunk).min(size);
                     let opts = GetOptions {
-                        range: Some(i * chunk..(i * chunk + chunk).min(size)),
+                        range: Some(range.clone()),
                         version_id: version_id.map(str::to_string),
                         if_match: info.etag.clone(),
                     };
+                    let list = part_list.clone();
                     set.spawn(async move {
-                        fetch_chunk(&*store, &key, &opts, &file, &tmp, &*progress, &id).await?;
+                        let got = fetch_chunk(
+                            &*store,
+                            &key,
+                            &opts,
+                            &file,
+                            &tmp,
+                            &*progress,
+                            &id,
+                            list.is_some(),
+                        )
+                        .await?;
+                        if let (Some(list), Some(got)) = (list, got) {
+                            let expected = list.digests[i as usize];
+                            if got != expected {
+                                return Err(Error::PartMismatch {
+                                    target: store.url_of(&key),
+                                    part: i + 1,
+                                    detail: format!(
+                                        "part {} of {} (bytes {}..{}) has sha256 {}, its part \
+                                         list says {}",
+                                        i + 1,
+                                        list.digests.len(),
+                                        range.start,
+                                        range.end,
+                                        hex::encode(got),
+                                        hex::encode(expected)
+                                    ),
+                                    path: None,
+                                });
+                            }
+                        }
                         Ok(i)
                     });
                 }
@@ -701,7 +873,9 @@ impl Engine {
                         start_writeback(&file, i * chunk, len);
                         received += len;
                         state.done.insert(i);
-                        let _ = htx.send(i);
+                        if let Some(htx) = &htx {
+                            let _ = htx.send(i);
+                        }
                         since_save += 1;
                         // Record progress for resuming (not fsynced: the final sha256 catches
                         // anything a host crash lost, and then the download starts over).
@@ -721,23 +895,43 @@ impl Engine {
         .await;
         set.abort_all();
         drop(htx);
-        if let Err(e) = result {
+        if let Err(mut e) = result {
             self.progress.finish(&id);
             let _ = write_state(&state_path, &serde_json::to_vec(&state).unwrap_or_default());
+            if let Error::PartMismatch { path, .. } = &mut e {
+                // What arrived is wrong: nothing of it is kept.
+                *path = dest.exists().then(|| dest.to_path_buf());
+                let _ = std::fs::remove_file(&tmp);
+                let _ = std::fs::remove_file(&state_path);
+            }
             if matches!(e, Error::Changed { .. } | Error::DiskFull { .. }) {
                 // A changed object cannot be resumed; a full disk needs the space back.
                 let _ = std::fs::remove_file(&tmp);
                 let _ = std::fs::remove_file(&state_path);
             }
-            let _ = hasher.await;
+            if let Some(h) = hasher {
+                let _ = h.await;
+            }
             return Err(e);
         }
-        let actual = hasher
-            .await
-            .map_err(|e| Error::io("read", &tmp, std::io::Error::other(e)))??;
-        self.progress.finish(&id);
         let expected = info.sha256().map(str::to_string);
-        if let Some(exp) = &expected {
+        let (actual, verified) = match hasher {
+            Some(h) => {
+                let actual = h
+                    .await
+                    .map_err(|e| Error::io("read", &tmp, std::io::Error::other(e)))??;
+                let v = if expected.is_some() {
+                    Verified::Sha256
+                } else {
+                    Verified::Unverified
+                };
+                (actual, v)
+            }
+            // Every part was checked; the whole-object sha256 is the metadata's.
+            None => (expected.clone().unwrap_or_default(), Verified::Parts),
+        };
+        self.progress.finish(&id);
+        if let (Some(exp), Verified::Sha256) = (&expected, verified) {
             if !exp.eq_ignore_ascii_case(&actual) {
                 let _ = std::fs::remove_file(&tmp);
                 let _ = std::fs::remove_file(&state_path);
@@ -755,7 +949,13 @@ impl Engine {
         infra_config::fsync_dir(&dir).ctx("fsync", &dir)?;
         let _ = std::fs::remove_file(&state_path);
         if let Ok(md) = std::fs::metadata(dest) {
-            self.hashes.record_sha256(dest, &md, &actual);
+            if !actual.is_empty() {
+                self.hashes.record_sha256(dest, &md, &actual);
+            }
+            if let Some(l) = &part_list {
+                self.hashes
+                    .record_part_digests(dest, &md, l.part_size, &l.digests);
+            }
             if let Some(e) = &info.etag {
                 self.hashes.record_etag(dest, &md, e);
             }
@@ -768,7 +968,7 @@ impl Engine {
             size,
             bytes_received: received,
             sha256: actual,
-            verified: expected.is_some(),
+            verified,
             version_id: info.version_id.clone(),
             resumed_chunks,
             seconds: t0.elapsed().as_secs_f64(),
@@ -888,6 +1088,9 @@ pub(crate) fn write_sparse(
     Ok(())
 }
 
+/// Fetches one range into `file`; with `hash`, returns the sha256 of the bytes received
+/// (hashed here, as they arrive, so parts fetched in parallel are hashed in parallel).
+#[allow(clippy::too_many_arguments)]
 async fn fetch_chunk(
     store: &dyn ObjectStore,
     key: &str,
@@ -896,15 +1099,20 @@ async fn fetch_chunk(
     path: &Path,
     progress: &dyn Progress,
     id: &str,
-) -> Result<()> {
+    hash: bool,
+) -> Result<Option<[u8; 32]>> {
     use futures::StreamExt;
     let range = opts.range.clone().unwrap_or(0..0);
     let mut resp = store.get(key, opts).await?;
     let mut pos = range.start;
     let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUF);
     let mut buf_start = pos;
+    let mut hasher = hash.then(Sha256::new);
     while let Some(b) = resp.body.next().await {
         let b = b?;
+        if let Some(h) = &mut hasher {
+            h.update(&b);
+        }
         progress.advance(id, b.len() as u64);
         pos += b.len() as u64;
         if buf.is_empty() && b.len() >= WRITE_BUF {
@@ -933,7 +1141,38 @@ async fn fetch_chunk(
             ),
         });
     }
-    Ok(())
+    Ok(hasher.map(|h| h.finalize().into()))
+}
+
+/// Parts (0-based) among `done` whose bytes in `file` do not match the list.
+fn verify_on_disk(
+    file: &std::fs::File,
+    path: &Path,
+    list: &PartList,
+    done: &[u64],
+) -> Result<Vec<u64>> {
+    let mut buf = vec![0u8; 1024 * 1024];
+    let mut bad = Vec::new();
+    for &i in done {
+        let Some(expected) = list.digests.get(i as usize) else {
+            continue;
+        };
+        let mut h = Sha256::new();
+        let start = i * list.part_size;
+        let end = start + list.part_len(i as usize);
+        let mut off = start;
+        while off < end {
+            let n = ((end - off) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], off)
+                .map_err(|e| Error::io("read", path, e))?;
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        if h.finalize().as_slice() != expected {
+            bad.push(i);
+        }
+    }
+    Ok(bad)
 }
 
 /// Hashes chunks in file order as they are reported finished.

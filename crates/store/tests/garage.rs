@@ -12,7 +12,7 @@ use common::*;
 use infra_store::testing::{Garage, GARAGE_REGION};
 use infra_store::{
     artifacts, CredentialProblem, Error, InitOptions, Metadata, ObjectStore, S3Store, StepStatus,
-    TransferOptions,
+    TransferOptions, Verified,
 };
 
 async fn garage_store(bucket: &str, prefix: &str) -> (Garage, Arc<dyn ObjectStore>) {
@@ -151,7 +151,7 @@ async fn resume_after_killing_and_restarting_garage() {
         .await
         .unwrap();
     assert!(down.resumed_chunks >= 4, "download started over: {down:?}");
-    assert!(down.verified);
+    assert_eq!(down.verified, Verified::Parts);
     assert_eq!(sha256(&out), sha256(&f));
 }
 
@@ -181,7 +181,7 @@ async fn object_over_5_gb() {
     assert_eq!(head.sha256(), Some(sha256(&f).as_str()));
     let out = d.path().join("huge.out");
     let down = e.download_file("huge.img", &out, None).await.unwrap();
-    assert!(down.verified);
+    assert_eq!(down.verified, Verified::Parts);
     assert!(allocated(&out) < 64 * MIB);
 }
 
@@ -383,7 +383,11 @@ async fn interop_with_aws_cli() {
     );
     let got = d.path().join("theirs.got");
     let down = e.download_file("dir/theirs.bin", &got, None).await.unwrap();
-    assert!(!down.verified, "aws-cli does not store a sha256");
+    assert_eq!(
+        down.verified,
+        Verified::Unverified,
+        "aws-cli does not store a sha256"
+    );
     assert_eq!(sha256(&got), sha256(&theirs));
 
     // Sync from a directory holding the same file: unchanged, by recomputing aws-cli's ETag.
@@ -608,4 +612,11 @@ async fn sync_skips_unsafe_keys_planted_with_aws_cli() {
     .unwrap();
     assert!(r.skipped.is_empty(), "{r:?}");
     assert_eq!(r.actions.len(), hostile.len() + good.len());
+}
+
+#[tokio::test]
+async fn part_lists_verified_and_hostile_lists_refused() {
+    let (_g, s) = garage_store("parts", "dev").await;
+    let d = tempfile::tempdir().unwrap();
+    scenarios::part_lists(s, d.path()).await;
 }

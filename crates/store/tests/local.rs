@@ -71,3 +71,9 @@ async fn kernel_bundle() {
     let d = tempfile::tempdir().unwrap();
     scenarios::kernel_bundle(store(d.path(), ""), d.path()).await;
 }
+
+#[tokio::test]
+async fn part_lists_verified_and_hostile_lists_refused() {
+    let d = tempfile::tempdir().unwrap();
+    scenarios::part_lists(store(d.path(), "dev"), d.path()).await;
+}

@@ -46,7 +46,7 @@ pub async fn round_trip_sparse(store: Arc<dyn ObjectStore>, dir: &Path, size: u6
         .download_file("rootfs-big.ext4", &out, None)
         .await
         .unwrap();
-    assert!(down.verified);
+    assert_eq!(down.verified, infra_store::Verified::Parts);
     assert_eq!(sha256(&out), want);
     assert!(
         allocated(&out) < 64 * MIB,
@@ -70,7 +70,7 @@ pub async fn round_trip_sparse(store: Arc<dyn ObjectStore>, dir: &Path, size: u6
         .download_compressed("rootfs-big.ext4.zst", &outz, None)
         .await
         .unwrap();
-    assert!(downz.verified);
+    assert_eq!(downz.verified, infra_store::Verified::Sha256);
     assert_eq!(downz.size, size);
     assert_eq!(sha256(&outz), want);
     assert!(allocated(&outz) < 64 * MIB);
@@ -547,6 +547,140 @@ pub async fn sync_does_not_follow_links_in_destination(store: Arc<dyn ObjectStor
         "{r:?}"
     );
     assert_eq!(outside_names(), ["victim"], "a delete went through a link");
+}
+
+/// Multipart uploads record a part list (digest in the metadata, list in a sidecar); downloads
+/// verify each part and refuse hostile lists, leaving nothing at the destination.
+pub async fn part_lists(store: Arc<dyn ObjectStore>, dir: &Path) {
+    use infra_store::parts::{PartList, META_PARTS_SHA256, META_PART_SIZE};
+    use infra_store::Verified;
+    let opts = small_parts(&dir.join("state"));
+    let e = engine(store.clone(), opts.clone());
+    let f = dir.join("parts.bin");
+    let data = noise(41, (23 * MIB) as usize);
+    std::fs::write(&f, &data).unwrap();
+    let up = e
+        .upload_file(&f, "parts.bin", &Metadata::new())
+        .await
+        .unwrap();
+    assert_eq!(up.parts, 5);
+    let digests: Vec<[u8; 32]> = data
+        .chunks((5 * MIB) as usize)
+        .map(|c| sha2::Sha256::digest(c).into())
+        .collect();
+    let list = PartList {
+        size: data.len() as u64,
+        part_size: 5 * MIB,
+        digests: digests.clone(),
+    };
+    let head = store.head("parts.bin", None).await.unwrap();
+    assert_eq!(head.metadata.get(META_PARTS_SHA256), Some(&list.digest()));
+    assert_eq!(
+        head.metadata.get(META_PART_SIZE),
+        Some(&(5 * MIB).to_string())
+    );
+    assert!(store.head(&list.sidecar_key(), None).await.is_ok());
+
+    // A clean download verifies the parts (no whole-object pass), in parallel.
+    let out = dir.join("dl/parts.bin");
+    let d = e.download_file("parts.bin", &out, None).await.unwrap();
+    assert_eq!(d.verified, Verified::Parts);
+    assert_eq!(d.sha256, hex_sha(&data));
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+
+    // Hostile objects: data, metadata and sidecar all written by someone else.
+    let put_hostile = |key: &'static str, body: Vec<u8>, list: PartList| {
+        let store = store.clone();
+        async move {
+            store
+                .put(
+                    &list.sidecar_key(),
+                    Body::Bytes(list.to_json().into()),
+                    &Metadata::new(),
+                )
+                .await
+                .unwrap();
+            let mut meta = Metadata::new();
+            meta.insert(META_SHA256.into(), hex_sha(&body));
+            list.add_to_metadata(&mut meta);
+            store
+                .put(key, Body::Bytes(body.into()), &meta)
+                .await
+                .unwrap();
+        }
+    };
+    let check_refused = |key: &'static str, want: &'static str| {
+        let e = e.clone();
+        let dir = dir.to_path_buf();
+        async move {
+            let out = dir.join("hostile").join(key);
+            let err = e.download_file(key, &out, None).await.unwrap_err();
+            assert!(err.to_string().contains(want), "{key}: {err}");
+            assert!(!err.to_string().contains('\n'), "{err}");
+            assert!(
+                !out.exists(),
+                "{key}: something was left at the destination"
+            );
+            let (tmp, state) = partial_paths(&out);
+            assert!(!tmp.exists() && !state.exists(), "{key}: partial file left");
+            err
+        }
+    };
+
+    // One part's digest is wrong (whole-object sha256 right): refused, naming the part.
+    let mut wrong = list.clone();
+    wrong.digests[2] = sha2::Sha256::digest(b"not this part").into();
+    put_hostile("wrong-part", data.clone(), wrong).await;
+    let err = check_refused("wrong-part", "part 3 of 5").await;
+    assert!(matches!(err, Error::PartMismatch { part: 3, .. }), "{err}");
+
+    // The list covers fewer bytes than the object: the tail would go unchecked. Refused.
+    let mut tampered = data.clone();
+    let n = tampered.len();
+    tampered[n - 1] ^= 1;
+    let short = PartList {
+        size: 20 * MIB,
+        part_size: 5 * MIB,
+        digests: digests[..4].to_vec(),
+    };
+    put_hostile("short-list", tampered.clone(), short).await;
+    check_refused("short-list", "covers 20971520 bytes").await;
+    // Fewer digests than parts, size claimed right.
+    let few = PartList {
+        size: n as u64,
+        part_size: 5 * MIB,
+        digests: digests[..4].to_vec(),
+    };
+    put_hostile("few-digests", tampered, few).await;
+    check_refused("few-digests", "4 digests for 5 parts").await;
+
+    // The sidecar does not match the digest the metadata names.
+    let mut meta = Metadata::new();
+    list.add_to_metadata(&mut meta);
+    let other = PartList {
+        digests: digests.iter().rev().copied().collect(),
+        ..list.clone()
+    };
+    store
+        .put(
+            &list.sidecar_key(),
+            Body::Bytes(other.to_json().into()),
+            &Metadata::new(),
+        )
+        .await
+        .unwrap();
+    store
+        .put("swapped", Body::Bytes(data.clone().into()), &meta)
+        .await
+        .unwrap();
+    check_refused("swapped", "metadata says").await;
+
+    // A missing sidecar falls back to the whole-object sha256.
+    store.delete(&list.sidecar_key()).await.unwrap();
+    let out2 = dir.join("dl/fallback.bin");
+    let d = e.download_file("parts.bin", &out2, None).await.unwrap();
+    assert_eq!(d.verified, Verified::Sha256);
+    assert_eq!(std::fs::read(&out2).unwrap(), data);
 }
 
 /// The kernel travels as a bundle (modules, vmlinux, manifest) and lands as `kernel install`
