@@ -3,7 +3,8 @@
 //! One interface, [`ObjectStore`], with two backends: [`S3Store`] (AWS S3 and compatible
 //! servers such as Garage, MinIO, Ceph) and [`LocalStore`] (a directory; the embedded default
 //! when no bucket is configured, so every command works offline). On top of it the transfer
-//! [`Engine`] (multipart, ranged parallel downloads, sha256 in metadata verified after download,
+//! [`Engine`] (multipart, ranged parallel downloads verified part by part against the part list
+//! recorded at upload, see [`parts`], or against the whole-object sha256 in the metadata,
 //! temp file + fsync + rename, resume), zstd compression, [`sync`], versions and the cost table.
 //!
 //! Layout of a store (compatible with the seed's bucket, so `aws s3 ls` users recognise it):
