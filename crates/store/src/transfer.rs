@@ -278,22 +278,34 @@ impl Engine {
         if let Some(s) = self.hashes.sha256(path, &md) {
             return Ok(s);
         }
+        let sha = self
+            .hash_with_bar(path, md.len(), |p, on_read| sha256_file(p, on_read))
+            .await?;
+        self.hashes.record_sha256(path, &md, &sha);
+        Ok(sha)
+    }
+
+    /// Runs `hash` over `path` on the blocking pool, with a progress bar of `size` bytes.
+    async fn hash_with_bar<T: Send + 'static>(
+        &self,
+        path: &Path,
+        size: u64,
+        hash: impl FnOnce(&Path, &dyn Fn(u64)) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let id = format!("sha256:{}", path.display());
         let label = format!(
             "sha256 {}",
             path.file_name().unwrap_or_default().to_string_lossy()
         );
-        self.progress.start(&id, &label, Some(md.len()));
+        self.progress.start(&id, &label, Some(size));
         let p = path.to_path_buf();
         let progress = self.progress.clone();
         let id2 = id.clone();
-        let r = tokio::task::spawn_blocking(move || sha256_file(&p, |n| progress.advance(&id2, n)))
+        let r = tokio::task::spawn_blocking(move || hash(&p, &|n| progress.advance(&id2, n)))
             .await
             .map_err(|e| Error::io("read", path, std::io::Error::other(e)))?;
         self.progress.finish(&id);
-        let sha = r?;
-        self.hashes.record_sha256(path, &md, &sha);
-        Ok(sha)
+        r
     }
 
     /// sha256 and part sha256s of a local file, from the cache or by reading it once.
@@ -323,21 +335,11 @@ impl Engine {
                 None => Ok((s, d)),
             };
         }
-        let id = format!("sha256:{}", path.display());
-        let label = format!(
-            "sha256 {}",
-            path.file_name().unwrap_or_default().to_string_lossy()
-        );
-        self.progress.start(&id, &label, Some(md.len()));
-        let p = path.to_path_buf();
-        let progress = self.progress.clone();
-        let id2 = id.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            sha256_file_parts(&p, part_size, |n| progress.advance(&id2, n))
-        })
-        .await
-        .map_err(|e| Error::io("read", path, std::io::Error::other(e)))?;
-        self.progress.finish(&id);
+        let r = self
+            .hash_with_bar(path, md.len(), move |p, on_read| {
+                sha256_file_parts(p, part_size, on_read)
+            })
+            .await;
         let (sha, digests) = r?;
         if let Some(e) = mismatch(&sha) {
             return Err(e);
