@@ -1139,11 +1139,11 @@ fn fresh_host_runs_from_a_bucket_alone() {
     assert_eq!(listed[0]["lang"], "python", "{listed}");
     assert_eq!(listed[0]["manifest"]["mem_mib"], 512, "{listed}");
 
-    // The fresh host: an empty home, and a PATH with QEMU and objcopy only.
-    let private = Path::new(env!("CARGO_TARGET_TMPDIR")).join("private");
+    // The fresh host: an empty home (in the system's temp dir: a checkout's own path can make
+    // the VM's socket paths too long), and a PATH with QEMU and objcopy only.
     let fresh = tempfile::Builder::new()
         .prefix("fresh-host-")
-        .tempdir_in(&private)
+        .tempdir()
         .unwrap();
     // The VMM runs as a uid of its own: its binary's directory must be searchable by it.
     let bin_dir = tempfile::Builder::new()

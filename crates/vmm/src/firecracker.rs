@@ -240,12 +240,18 @@ pub fn remove_stale_jails(exec_dir: &Path) -> usize {
 
 /// Refuses a Unix socket path the kernel cannot bind or connect to.
 pub fn check_socket_path(path: &Path) -> Result<(), VmError> {
+    check_socket_path_of("firecracker", path)
+}
+
+/// Refuses a Unix socket path of `backend` the kernel cannot bind or connect to, before the
+/// VMM starts (a connect to it would fail on every attempt until the boot limit).
+pub fn check_socket_path_of(backend: &'static str, path: &Path) -> Result<(), VmError> {
     let len = path.as_os_str().len();
     if len > MAX_SOCKET_PATH {
         return Err(VmError::Start {
-            backend: "firecracker",
+            backend,
             detail: format!(
-                "socket path {} is {len} bytes, over the {MAX_SOCKET_PATH} a Unix socket allows; use a shorter --chroot-base-dir or run directory",
+                "socket path {} is {len} bytes, over the {MAX_SOCKET_PATH} a Unix socket allows; use a shorter --chroot-base-dir or run directory (INFRA_OPERATOR_HOME)",
                 path.display()
             ),
         });

@@ -197,6 +197,9 @@ impl Qemu {
 
     async fn launch(&self, cfg: &VmConfig, incoming: bool) -> Result<Vm, VmError> {
         let dir = vm_dir(&cfg.run_dir)?;
+        for sock in ["agent.sock", QMP_SOCKET] {
+            crate::firecracker::check_socket_path_of("qemu", &dir.path().join(sock))?;
+        }
         let console = dir.path().join("console.log");
         let log = dir.path().join("qemu.log");
         let mut lease = None;
@@ -332,6 +335,35 @@ fn escape_commas(p: &Path) -> OsString {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run directory whose socket paths the kernel cannot take fails at once, naming the
+    /// path and the fix, before QEMU starts (it used to wait out the boot limit).
+    #[tokio::test]
+    async fn over_long_socket_paths_fail_before_start() {
+        let d = tempfile::tempdir().unwrap();
+        let run_dir = d.path().join("r".repeat(100));
+        let q = Qemu {
+            uids: None,
+            binary: "/nonexistent/qemu-system-x86_64".into(),
+            accel: Accel::Tcg,
+        };
+        let cfg = VmConfig {
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/k/init.cpio".into(),
+            rootfs: "/img/a.ext4".into(),
+            mem_mib: 256,
+            vcpus: 1,
+            extra_args: String::new(),
+            run_dir: run_dir.clone(),
+        };
+        let err = q.start(&cfg).await.unwrap_err().to_string();
+        assert!(
+            err.contains("socket path") && err.contains("INFRA_OPERATOR_HOME"),
+            "{err}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&run_dir).unwrap().flatten().collect();
+        assert!(left.is_empty(), "the VM directory was left: {left:?}");
+    }
 
     #[test]
     fn command_line_has_readonly_disk_serial_agent_and_escaped_paths() {
