@@ -1161,20 +1161,37 @@ fn verify_on_disk(
         };
         let mut h = Sha256::new();
         let start = i * list.part_size;
-        let end = start + list.part_len(i as usize);
-        let mut off = start;
-        while off < end {
-            let n = ((end - off) as usize).min(buf.len());
-            file.read_exact_at(&mut buf[..n], off)
-                .map_err(|e| Error::io("read", path, e))?;
-            h.update(&buf[..n]);
-            off += n as u64;
-        }
+        hash_range(
+            file,
+            path,
+            start..start + list.part_len(i as usize),
+            &mut buf,
+            &mut h,
+        )?;
         if h.finalize().as_slice() != expected {
             bad.push(i);
         }
     }
     Ok(bad)
+}
+
+/// Feeds bytes `range` of `file` into `h`, through `buf`.
+fn hash_range(
+    file: &std::fs::File,
+    path: &Path,
+    range: std::ops::Range<u64>,
+    buf: &mut [u8],
+    h: &mut Sha256,
+) -> Result<()> {
+    let mut off = range.start;
+    while off < range.end {
+        let n = ((range.end - off) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], off)
+            .map_err(|e| Error::io("read", path, e))?;
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    Ok(())
 }
 
 /// Hashes chunks in file order as they are reported finished.
@@ -1198,15 +1215,13 @@ fn hash_in_order(
         pending.insert(i);
         while pending.remove(&next) {
             let start = next * chunk;
-            let end = (start + chunk).min(size);
-            let mut off = start;
-            while off < end {
-                let n = ((end - off) as usize).min(buf.len());
-                file.read_exact_at(&mut buf[..n], off)
-                    .map_err(|e| Error::io("read", path, e))?;
-                h.update(&buf[..n]);
-                off += n as u64;
-            }
+            hash_range(
+                file,
+                path,
+                start..(start + chunk).min(size),
+                &mut buf,
+                &mut h,
+            )?;
             next += 1;
         }
     }
