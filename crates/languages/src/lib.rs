@@ -50,9 +50,147 @@ pub struct Language {
     /// Typical image size in MB (seed 003's table), a hint for `--size`.
     #[serde(default)]
     pub size_mb: u64,
+    /// Debian release the packages come from when bookworm lacks them (`trixie`); `None`
+    /// means the default release.
+    #[serde(default)]
+    pub suite: Option<String>,
+    /// PyPI packages that ship the toolchain, installed with `pip install --target
+    /// /opt/pypi/{key}` at image build time.
+    #[serde(default)]
+    pub pip_packages: Vec<String>,
+    /// npm packages that ship the toolchain, installed with `npm install --prefix
+    /// /opt/npm/{key}` (no install scripts run) at image build time.
+    #[serde(default)]
+    pub npm_packages: Vec<String>,
+    /// Why no package source these hosts reach provides the language; the OCI `image` is
+    /// still the recipe for hosts with a registry. `None` for installable languages.
+    #[serde(default)]
+    pub unavailable: Option<String>,
+    /// Wall-clock limit for each verification program (build plus run), seconds.
+    #[serde(default = "default_verify_timeout")]
+    pub timeout_s: u64,
+    /// Guest memory the language needs, MiB (JVMs, compilers).
+    #[serde(default = "default_mem_mb")]
+    pub mem_mb: u64,
+    /// Hello world: prints a known line and exits 0.
+    pub hello: Program,
+    /// Reads integers from stdin, prints their sum and exits non-zero.
+    pub stdin: Program,
+}
+
+fn default_verify_timeout() -> u64 {
+    120
+}
+
+fn default_mem_mb() -> u64 {
+    512
+}
+
+/// A test program with its input and the output it must give (`rootfs verify`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Program {
+    /// Source code, written to the language's `file`.
+    pub code: String,
+    /// Bytes fed on standard input.
+    #[serde(default)]
+    pub input: String,
+    /// Exact expected standard output.
+    pub stdout: String,
+    /// Expected exit code.
+    #[serde(default)]
+    pub exit_code: i32,
 }
 
 impl Language {
+    /// The language can be built from the package sources these hosts reach.
+    pub fn installable(&self) -> bool {
+        self.unavailable.is_none()
+    }
+
+    /// Every check the table makes of one entry, as one-line problems (empty when sound).
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let key = &self.key;
+        if self.run.is_empty() || self.version.is_empty() || self.file.is_empty() {
+            p.push(format!("{key}: run, version and file are required"));
+        }
+        if self.file.contains('/') || self.file.starts_with('.') {
+            p.push(format!("{key}: file must be a plain name"));
+        }
+        if !key
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        {
+            p.push(format!("{key}: keys are lowercase letters and digits"));
+        }
+        for pkg in self
+            .debian_packages
+            .iter()
+            .chain(&self.pip_packages)
+            .chain(&self.npm_packages)
+        {
+            if pkg.is_empty()
+                || pkg.starts_with('-')
+                || !pkg
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "@/._+-=<>~:".contains(c))
+            {
+                p.push(format!("{key}: package name {pkg:?} is not a plain name"));
+            }
+        }
+        match &self.unavailable {
+            Some(reason) => {
+                if reason.trim().is_empty() {
+                    p.push(format!("{key}: unavailable needs a reason"));
+                }
+                if self.image.is_none() {
+                    p.push(format!(
+                        "{key}: an unavailable language still names its OCI image"
+                    ));
+                }
+            }
+            None => {
+                if self.debian_packages.is_empty()
+                    && self.pip_packages.is_empty()
+                    && self.npm_packages.is_empty()
+                    && key != "base"
+                {
+                    p.push(format!("{key}: no packages, and not marked unavailable"));
+                }
+            }
+        }
+        if let Some(s) = &self.suite {
+            if !["bookworm", "trixie"].contains(&s.as_str()) {
+                p.push(format!("{key}: suite must be bookworm or trixie"));
+            }
+        }
+        if self.hello.code.trim().is_empty() || self.hello.stdout.is_empty() {
+            p.push(format!("{key}: hello needs code and expected stdout"));
+        }
+        if self.hello.exit_code != 0 {
+            p.push(format!("{key}: hello must exit 0"));
+        }
+        if self.stdin.code.trim().is_empty()
+            || self.stdin.input.is_empty()
+            || self.stdin.stdout.is_empty()
+        {
+            p.push(format!("{key}: stdin needs code, input and expected stdout"));
+        }
+        if self.stdin.exit_code == 0 || !(1..=255).contains(&self.stdin.exit_code) {
+            p.push(format!(
+                "{key}: stdin must exit with a code in 1..=255 (it checks non-zero exits)"
+            ));
+        }
+        if self.timeout_s == 0 || self.timeout_s > 900 {
+            p.push(format!("{key}: timeout_s must be 1..=900"));
+        }
+        if !(64..=8192).contains(&self.mem_mb) {
+            p.push(format!("{key}: mem_mb must be 64..=8192"));
+        }
+        p
+    }
+
     /// The build command with `{file}` substituted, or `None` for interpreted languages.
     pub fn build_argv(&self) -> Option<Vec<String>> {
         (!self.build.is_empty()).then(|| self.substitute(&self.build))
@@ -112,6 +250,9 @@ pub enum Error {
         /// Comma-separated keys, for the message.
         known: String,
     },
+    /// An empty `--langs` list.
+    #[error("no language named: give a comma-separated list such as python,c,java, or all")]
+    NoneSelected,
     /// The data file is malformed (a build-time mistake, caught by tests).
     #[error("language table is invalid: {0}")]
     Invalid(String),
@@ -131,13 +272,8 @@ impl LanguageTable {
         let mut seen = BTreeMap::new();
         for (key, lang) in languages.iter_mut() {
             lang.key = key.clone();
-            if lang.run.is_empty() || lang.version.is_empty() || lang.file.is_empty() {
-                return Err(Error::Invalid(format!(
-                    "{key}: run, version and file are required"
-                )));
-            }
-            if lang.file.contains('/') {
-                return Err(Error::Invalid(format!("{key}: file must be a plain name")));
+            if let Some(problem) = lang.problems().into_iter().next() {
+                return Err(Error::Invalid(problem));
             }
             for name in std::iter::once(key).chain(lang.aliases.iter()) {
                 if let Some(other) = seen.insert(name.clone(), key.clone()) {
@@ -177,13 +313,29 @@ impl LanguageTable {
     pub fn iter(&self) -> impl Iterator<Item = &Language> {
         self.languages.values()
     }
+
+    /// Resolves a comma-separated list (`python,js,c`) or `all` (every installable language)
+    /// to keys, in table order, without duplicates.
+    pub fn select(&self, list: &str) -> Result<Vec<&Language>, Error> {
+        if list.trim().eq_ignore_ascii_case("all") {
+            return Ok(self.iter().filter(|l| l.installable()).collect());
+        }
+        let mut keys = std::collections::BTreeSet::new();
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            keys.insert(self.get(name)?.key.clone());
+        }
+        if keys.is_empty() {
+            return Err(Error::NoneSelected);
+        }
+        Ok(keys.iter().map(|k| &self.languages[k]).collect())
+    }
 }
 
 impl Error {
     /// The kind of this failure (every variant named).
     pub fn kind(&self) -> infra_config::ErrorKind {
         match self {
-            Self::Unknown { .. } => infra_config::ErrorKind::Usage,
+            Self::Unknown { .. } | Self::NoneSelected => infra_config::ErrorKind::Usage,
             Self::Invalid(_) => infra_config::ErrorKind::Failure,
         }
     }
