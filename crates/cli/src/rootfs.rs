@@ -28,7 +28,10 @@ pub enum RootfsCommand {
     #[command(after_help = "Examples:
   sudo infra.operator rootfs create --lang python
   sudo infra.operator rootfs create --lang python --packages numpy,pandas
-  sudo infra.operator rootfs create --lang bash --base debian --post-install setup.sh")]
+  sudo infra.operator rootfs create --lang bash --base debian --post-install setup.sh
+  sudo infra.operator rootfs create --langs python,nodejs,c,java --name polyglot
+  sudo infra.operator rootfs create --langs all               # every installable language
+  infra.operator run --lang java --rootfs polyglot --code 'class Main { ... }'")]
     Create(CreateArgs),
     /// List rootfs images.
     #[command(
@@ -159,9 +162,18 @@ pub struct FromDockerArgs {
 #[derive(Args, Debug)]
 pub struct CreateArgs {
     /// Language runtime to install.
-    #[arg(short = 'l', long)]
-    lang: String,
-    /// Name [default: the language].
+    #[arg(
+        short = 'l',
+        long,
+        required_unless_present = "langs",
+        conflicts_with = "langs"
+    )]
+    lang: Option<String>,
+    /// Several languages in one image (comma separated, or `all` for every installable one
+    /// of the Debian release); named `polyglot` unless --name says otherwise.
+    #[arg(long, value_name = "LIST")]
+    langs: Option<String>,
+    /// Name [default: the language, or `polyglot` with --langs].
     #[arg(short = 'n', long)]
     name: Option<String>,
     /// Base OS: debian, ubuntu or alpine.
@@ -266,8 +278,40 @@ async fn from_docker(a: FromDockerArgs, paths: &Paths) -> Result<()> {
 }
 
 async fn create(a: CreateArgs, paths: &Paths) -> Result<()> {
-    let lang = LanguageTable::builtin().get(&a.lang)?;
+    let table = LanguageTable::builtin();
     let base: Base = a.base.parse().map_err(anyhow::Error::msg)?;
+    let (primary, keys, title) = match (&a.lang, &a.langs) {
+        (Some(l), _) => {
+            let lang = table.get(l)?;
+            (Some(lang.key.clone()), Vec::new(), lang.name.clone())
+        }
+        (None, Some(list)) => {
+            let mut chosen = table.select(list)?;
+            if list.trim().eq_ignore_ascii_case("all") {
+                // `all` means all of one Debian release: the others are named, not dropped
+                // in silence.
+                let suite = a.suite.clone().unwrap_or_else(|| "bookworm".into());
+                let (keep, skip): (Vec<_>, Vec<_>) = chosen
+                    .into_iter()
+                    .partition(|l| l.suite.as_deref().unwrap_or("bookworm") == suite);
+                if !skip.is_empty() && !a.out.json {
+                    let names: Vec<String> = skip
+                        .iter()
+                        .map(|l| format!("{} ({})", l.key, l.suite.as_deref().unwrap_or("")))
+                        .collect();
+                    println!(
+                        "Leaving out languages of another Debian release: {}",
+                        names.join(", ")
+                    );
+                }
+                chosen = keep;
+            }
+            let keys: Vec<String> = chosen.iter().map(|l| l.key.clone()).collect();
+            let title = format!("{} languages ({})", keys.len(), keys.join(", "));
+            (None, keys, title)
+        }
+        (None, None) => bail!("give --lang LANG or --langs a,b,c (clap should have said so)"),
+    };
     let packages = a
         .packages
         .as_deref()
@@ -281,21 +325,28 @@ async fn create(a: CreateArgs, paths: &Paths) -> Result<()> {
         suite: a.suite,
         mirror: a.mirror,
         packages,
+        pip: Vec::new(),
+        npm: Vec::new(),
         post_install: a.post_install,
         cache_dir: paths.cache.clone(),
     };
-    let name = a.name.clone().unwrap_or_else(|| lang.key.clone());
-    let req = request(
+    let name = a
+        .name
+        .clone()
+        .or_else(|| primary.clone())
+        .unwrap_or_else(|| "polyglot".into());
+    let mut req = request(
         &name,
-        Some(lang.key.clone()),
+        primary,
         Origin::Distro(opts),
         &a.out,
         paths,
         "linux/amd64".into(),
         false,
     )?;
+    req.languages = keys;
     if !a.out.json {
-        println!("Creating rootfs for {} on {} ...", lang.name, a.base);
+        println!("Creating rootfs for {title} on {} ...", a.base);
         println!("  Size: {}", size_label(&req.size));
     }
     build_and_report(req, &a.out, paths).await
@@ -327,6 +378,7 @@ fn request(
     Ok(BuildRequest {
         name: name.to_string(),
         language,
+        languages: Vec::new(),
         origin,
         size,
         output: out.output.clone().unwrap_or_else(|| paths.image(name)),

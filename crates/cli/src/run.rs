@@ -34,7 +34,9 @@ pub struct VmArgs {
     /// Guest kernel (ELF vmlinux) [default: the installed one, /srv/firecracker/vmlinux].
     #[arg(long)]
     pub kernel: Option<PathBuf>,
-    /// Root filesystem image [default: the language's rootfs-{lang}.ext4].
+    /// Root filesystem image: a path, or an image name such as `polyglot`
+    /// (rootfs-polyglot.ext4, fetched from the store when missing) [default: the language's
+    /// rootfs-{lang}.ext4].
     #[arg(long)]
     pub rootfs: Option<PathBuf>,
     /// qemu-system-x86_64 binary [default: from PATH].
@@ -427,11 +429,28 @@ fn parse_env(pairs: &[String]) -> Result<BTreeMap<String, String>> {
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
   infra.operator rootfs verify --lang python
-  infra.operator rootfs verify -l nodejs --json")]
+  infra.operator rootfs verify --langs python,java,go --json
+  infra.operator rootfs verify --all                      # builds missing images first
+  infra.operator rootfs verify --langs python,c,java --rootfs polyglot   # one VM for all
+
+Each language prints its version, then the language table's programs run in the VM as user
+code does: hello world (exact stdout, exit 0) and a program that sums stdin and exits 3 (exact
+stdout and exit code). A compiled language must also answer a broken program with
+compile_error and the compiler's message. Times are the guest's: build and run apart.
+Exit status: 0 when every language passed, 1 when any failed.")]
 pub struct VerifyArgs {
     /// Language whose image to boot.
-    #[arg(short, long)]
-    lang: String,
+    #[arg(short, long, required_unless_present_any = ["langs", "all"], conflicts_with_all = ["langs", "all"])]
+    lang: Option<String>,
+    /// Several languages (comma separated).
+    #[arg(long, value_name = "LIST", conflicts_with = "all")]
+    langs: Option<String>,
+    /// Every language of the table (unavailable ones are listed with the reason).
+    #[arg(long)]
+    all: bool,
+    /// Virtual CPUs per VM.
+    #[arg(long, default_value_t = 2)]
+    vcpus: u8,
     /// JSON output.
     #[arg(long)]
     json: bool,
@@ -439,83 +458,257 @@ pub struct VerifyArgs {
     vm: VmArgs,
 }
 
-/// Where the initramfs leaves the read-only image visible in the guest.
-const IMAGE_MOUNT: &str = "/mnt/image";
+/// One language's verdict with the VM and image it ran in.
+#[derive(serde::Serialize)]
+struct VerifyRow {
+    #[serde(flatten)]
+    report: infra_runner::verify::LanguageReport,
+    image: PathBuf,
+    /// Bytes used inside the image's file system (its manifest), when known.
+    image_used_bytes: Option<u64>,
+    boot_ms: u64,
+}
 
-/// Boots the image and reports the language version and the image's disk usage.
+/// Boots each language's image (or one image for all with --rootfs) and runs the table's
+/// programs in it.
 pub async fn verify(a: VerifyArgs, paths: &Paths) -> Result<()> {
-    let lang = prepare::language(&a.lang)?;
-    let runner = a.vm.runner(paths)?;
-    let prepare::VmFiles {
-        kernel,
-        initramfs,
-        rootfs,
-        ..
-    } = a.vm.prepare(paths, &lang, &runner).await?;
-    if !a.json {
-        println!("Verifying {} ({}) ...", rootfs.display(), lang.name);
+    let table = infra_languages::LanguageTable::builtin();
+    let chosen: Vec<&infra_languages::Language> = match (&a.lang, &a.langs, a.all) {
+        (Some(l), _, _) => vec![table.get(l)?],
+        (None, Some(list), _) => table.select(list)?,
+        (None, None, _) => table.iter().collect(),
+    };
+    let (languages, unavailable): (Vec<_>, Vec<_>) =
+        chosen.into_iter().partition(|l| l.installable());
+    if !a.all && !unavailable.is_empty() {
+        let l = unavailable[0];
+        bail!(
+            "{} cannot be installed from the package sources this host reaches ({}); its image recipe is {}",
+            l.name,
+            l.unavailable.as_deref().unwrap_or(""),
+            l.image.as_deref().unwrap_or("-")
+        );
     }
-    let mut ready = runner.boot(&kernel, &initramfs, &rootfs, 256, 1).await?;
-    let quoted: Vec<String> = lang.version.iter().map(|w| shell_quote(w)).collect();
-    let script = format!(
-        "{} 2>&1 | head -n 1\necho '---'\ndf -h {IMAGE_MOUNT} 2>&1\n",
-        quoted.join(" ")
-    );
-    let mut exec = infra_protocol::Exec::new("bash", script);
-    exec.timeout_ms = 60_000;
-    let mut out = Vec::new();
-    let result = ready
-        .client
-        .exec(exec, |o| {
-            let (Output::Stdout(d) | Output::Stderr(d)) = o;
-            out.extend_from_slice(&d);
-        })
-        .await;
-    let boot = ready.boot;
-    let agent = ready.info.agent_version.clone();
-    let languages = ready.info.languages.clone();
-    ready.vm.stop().await?;
-    let exit = result.context("the image has no bash? verify runs its checks with bash")?;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (version, disk) = text.split_once("---\n").unwrap_or((text.as_str(), ""));
-    let version = version.trim();
+    let runner = a.vm.runner(paths)?;
+    let mut rows: Vec<VerifyRow> = Vec::new();
+    let mut disk = String::new();
+    let print_row = |row: &VerifyRow| {
+        if !a.json {
+            eprintln!("{}", progress_line(row));
+        }
+    };
+    if a.vm.rootfs.is_some() {
+        // One image for all of them: one VM.
+        let files = a.vm.prepare(paths, languages[0], &runner).await?;
+        if !a.json {
+            eprintln!(
+                "Verifying {} language(s) in {} ...",
+                languages.len(),
+                files.rootfs.display()
+            );
+        }
+        let (boot, reports, df) =
+            infra_runner::verify::verify_in_vm(&runner, &files, &languages, a.vcpus).await?;
+        disk = df;
+        let used = image_used_bytes(&files.rootfs);
+        for report in reports {
+            let row = VerifyRow {
+                report,
+                image: files.rootfs.clone(),
+                image_used_bytes: used,
+                boot_ms: boot.as_millis() as u64,
+            };
+            print_row(&row);
+            rows.push(row);
+        }
+    } else {
+        for lang in &languages {
+            if !a.json {
+                eprintln!("Verifying {} ...", lang.name);
+            }
+            let row = match a.vm.prepare(paths, lang, &runner).await {
+                Err(e) => VerifyRow {
+                    report: infra_runner::verify::LanguageReport::failed(
+                        lang,
+                        format!("no image: {e:#}"),
+                    ),
+                    image: paths.image(&lang.key),
+                    image_used_bytes: None,
+                    boot_ms: 0,
+                },
+                Ok(files) => {
+                    let used = image_used_bytes(&files.rootfs);
+                    match infra_runner::verify::verify_in_vm(&runner, &files, &[lang], a.vcpus)
+                        .await
+                    {
+                        Ok((boot, mut reports, df)) if !reports.is_empty() => {
+                            if languages.len() == 1 {
+                                disk = df;
+                            }
+                            VerifyRow {
+                                report: reports.remove(0),
+                                image: files.rootfs.clone(),
+                                image_used_bytes: used,
+                                boot_ms: boot.as_millis() as u64,
+                            }
+                        }
+                        Ok(_) => unreachable!("one language gives one report"),
+                        Err(e) => VerifyRow {
+                            report: infra_runner::verify::LanguageReport::failed(
+                                lang,
+                                format!("the VM failed: {e}"),
+                            ),
+                            image: files.rootfs.clone(),
+                            image_used_bytes: used,
+                            boot_ms: 0,
+                        },
+                    }
+                }
+            };
+            print_row(&row);
+            rows.push(row);
+        }
+    }
+    let failed: Vec<&str> = rows
+        .iter()
+        .filter(|r| !r.report.ok)
+        .map(|r| r.report.lang.as_str())
+        .collect();
     if a.json {
+        let unavailable: Vec<_> = unavailable
+            .iter()
+            .map(|l| serde_json::json!({"lang": l.key, "name": l.name, "reason": l.unavailable, "image": l.image}))
+            .collect();
         println!(
             "{}",
-            serde_json::json!({
-                "lang": lang.key, "image": rootfs, "version": version, "disk_usage": disk.trim(),
-                "agent_version": agent, "languages_found": languages,
-                "boot_time": boot.as_secs_f64(), "ok": exit.exit_code == Some(0),
-            })
+            serde_json::to_string_pretty(&serde_json::json!({
+                "results": rows,
+                "unavailable": unavailable,
+                "passed": rows.len() - failed.len(),
+                "failed": failed,
+                "disk_usage": (!disk.is_empty()).then_some(disk.trim()),
+            }))?
         );
     } else {
-        println!("=== Language Version ===");
-        println!("{:<9}{version}", format!("{}:", lang.name));
-        println!();
-        println!("=== Disk Usage ===");
-        print!("{disk}");
-        println!();
-        println!(
-            "Agent {agent}, ready in {:.1} s; languages found: {}",
-            boot.as_secs_f64(),
-            languages.join(", ")
-        );
+        print_verify_tables(&rows, &unavailable, &disk);
     }
-    if exit.exit_code != Some(0) || !languages.contains(&lang.key) {
+    if !failed.is_empty() {
         bail!(
-            "{} is not usable in this image (version check: {version})",
-            lang.name
+            "{} of {} languages failed verification: {}",
+            failed.len(),
+            rows.len(),
+            failed.join(", ")
         );
     }
     Ok(())
 }
 
-fn shell_quote(w: &str) -> String {
-    if w.chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_./=:".contains(c))
-    {
-        w.to_string()
-    } else {
-        format!("'{}'", w.replace('\'', r"'\''"))
+fn ms(v: Option<u64>) -> String {
+    v.map(|m| format!("{:.2} s", m as f64 / 1000.0))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn progress_line(row: &VerifyRow) -> String {
+    let r = &row.report;
+    let verdict = if r.ok { "PASS" } else { "FAIL" };
+    let why = r
+        .error
+        .clone()
+        .or_else(|| r.checks.iter().find_map(|c| c.problem.clone()))
+        .map(|w| format!(": {w}"))
+        .unwrap_or_default();
+    format!("  {verdict} {} ({}){why}", r.lang, r.version)
+}
+
+fn print_verify_tables(rows: &[VerifyRow], unavailable: &[&infra_languages::Language], disk: &str) {
+    println!("=== Language Versions ===");
+    let width = rows.iter().map(|r| r.report.name.len()).max().unwrap_or(0) + 2;
+    for r in rows {
+        println!(
+            "{:<width$}{}",
+            format!("{}:", r.report.name),
+            r.report.version
+        );
     }
+    println!();
+    println!("=== Checks ===");
+    let check = |r: &VerifyRow, name: &str| match r.report.check(name) {
+        Some(c) if c.ok => "ok".to_string(),
+        Some(_) => "FAIL".to_string(),
+        None => "-".to_string(),
+    };
+    let table_rows = rows
+        .iter()
+        .map(|r| {
+            let hello = r.report.check("hello");
+            vec![
+                r.report.lang.clone(),
+                check(r, "hello"),
+                check(r, "stdin"),
+                check(r, "compile_error"),
+                ms(hello.and_then(|c| c.build_ms)),
+                ms(hello.map(|c| c.run_ms)),
+                ms(Some(r.boot_ms)),
+                r.image_used_bytes
+                    .map(|b| format!("{} MB", b >> 20))
+                    .unwrap_or_else(|| "-".into()),
+                if r.report.ok { "PASS" } else { "FAIL" }.to_string(),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        crate::ui::table(
+            &[
+                "LANG",
+                "HELLO",
+                "STDIN",
+                "COMPILE ERROR",
+                "BUILD",
+                "RUN",
+                "BOOT",
+                "IMAGE USED",
+                "RESULT"
+            ],
+            table_rows
+        )
+    );
+    for r in rows.iter().filter(|r| !r.report.ok) {
+        let why = r
+            .report
+            .error
+            .clone()
+            .or_else(|| {
+                r.report
+                    .checks
+                    .iter()
+                    .find_map(|c| c.problem.as_ref().map(|p| format!("{}: {p}", c.check)))
+            })
+            .unwrap_or_default();
+        println!("{}: {why}", r.report.lang);
+    }
+    if !unavailable.is_empty() {
+        println!();
+        println!("=== Not installable here ===");
+        for l in unavailable {
+            println!(
+                "{}: {} (image: {})",
+                l.key,
+                l.unavailable.as_deref().unwrap_or(""),
+                l.image.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    if !disk.is_empty() {
+        println!();
+        println!("=== Disk Usage ===");
+        print!("{disk}");
+    }
+}
+
+/// Used bytes from the image's manifest, when it has one.
+fn image_used_bytes(rootfs: &Path) -> Option<u64> {
+    infra_image::Manifest::read(&Paths::manifest_for(rootfs))
+        .ok()
+        .map(|m| m.used_bytes)
 }

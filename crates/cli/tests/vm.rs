@@ -385,7 +385,7 @@ fn rootfs_verify_and_host_output() {
     let out = text(&o.stdout);
     assert!(o.status.success(), "{out}\n{}", text(&o.stderr));
     assert!(
-        out.contains("=== Language Version ===") && out.contains("Python 3."),
+        out.contains("=== Language Versions ===") && out.contains("Python 3."),
         "{out}"
     );
     assert!(
@@ -401,6 +401,72 @@ fn rootfs_verify_and_host_output() {
     assert_eq!(head, "=== Execution Result ===");
     let v: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(v["stdout"], "42\n");
+    assert_clean();
+}
+
+/// The representative set of issue 11, in one polyglot image: each language prints its
+/// version and runs the language table's programs in a VM (hello world, stdin summed with exit
+/// code 3, and a broken program answered with compile_error for the compiled ones).
+#[test]
+fn polyglot_image_verifies_the_representative_languages() {
+    let _g = vm_lock();
+    let langs = "python,nodejs,c,java,go,rust,bash";
+    let o = run(&[
+        "rootfs", "create", "--langs", langs, "--name", "polyglot", "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let m = json(&o);
+    assert_eq!(m["languages"].as_array().map(Vec::len), Some(7), "{m}");
+
+    let o = run(&[
+        "rootfs", "verify", "--langs", langs, "--rootfs", "polyglot", "--accel", "tcg", "--json",
+    ]);
+    let v = json(&o);
+    assert!(o.status.success(), "{v:#}\n{}", text(&o.stderr));
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 7, "{v:#}");
+    for r in results {
+        assert_eq!(r["ok"], true, "{r:#}");
+        let checks: Vec<&str> = r["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["check"].as_str().unwrap())
+            .collect();
+        let compiled = ["c", "java", "go", "rust"].contains(&r["lang"].as_str().unwrap());
+        if compiled {
+            assert_eq!(checks, ["hello", "stdin", "compile_error"], "{r:#}");
+            // The build's time is reported apart from the run's.
+            assert!(r["checks"][0]["build_ms"].as_u64().is_some(), "{r:#}");
+        } else {
+            assert_eq!(checks, ["hello", "stdin"], "{r:#}");
+        }
+        assert!(!r["version"].as_str().unwrap().is_empty(), "{r:#}");
+    }
+    assert_clean();
+
+    // A compile error through `run`: the compiler's message, exit status of the build, and
+    // no run time.
+    let o = run(&[
+        "run",
+        "--lang",
+        "c",
+        "--rootfs",
+        "polyglot",
+        "--accel",
+        "tcg",
+        "--json",
+        "--code",
+        "int main( { return 0; }",
+    ]);
+    let r = json(&o);
+    assert_eq!(r["status"], "compile_error", "{r:#}");
+    assert!(
+        r["compile_output"].as_str().unwrap().contains("error"),
+        "{r:#}"
+    );
+    assert!(r["compile_time"].as_f64().unwrap() > 0.0, "{r:#}");
+    assert_eq!(r["exec_time"].as_f64(), Some(0.0), "{r:#}");
     assert_clean();
 }
 

@@ -480,10 +480,8 @@ impl Executor {
             let dir = dir.clone();
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         }
-        let wall_ms = start.elapsed().as_millis() as u64;
         Ok(result.map(|mut exit| {
             exit.id = id;
-            exit.wall_ms = wall_ms;
             exit
         }))
     }
@@ -501,19 +499,21 @@ impl Executor {
         events: &mpsc::Sender<Reply>,
         cancel: &mut watch::Receiver<bool>,
     ) -> Option<Exit> {
-        let blank = Exit {
+        let mut blank = Exit {
             id,
             status: ExecStatus::InternalError,
             exit_code: None,
             signal: None,
             timed_out: false,
             wall_ms: 0,
+            build_ms: None,
             peak_memory_bytes: None,
             stdout_truncated: false,
             stderr_truncated: false,
             compile_output: None,
         };
         if let Some(build) = lang.build_argv() {
+            let build_start = Instant::now();
             let captured = Arc::new(Mutex::new(Vec::new()));
             let step = Step {
                 argv: build.clone(),
@@ -526,7 +526,9 @@ impl Executor {
                 deadline,
                 sink: Sink::Capture(Arc::clone(&captured)),
             };
-            let out = match self.run_step(step, handle, cancel).await {
+            let out = self.run_step(step, handle, cancel).await;
+            blank.build_ms = Some(build_start.elapsed().as_millis() as u64);
+            let out = match out {
                 Ok(out) => out,
                 Err(e) => {
                     report_spawn_failure(events, id, &build[0], e).await;
@@ -580,7 +582,10 @@ impl Executor {
                 tx: events.clone(),
             },
         };
-        let out = match self.run_step(step, handle, cancel).await {
+        let run_start = Instant::now();
+        let out = self.run_step(step, handle, cancel).await;
+        let wall_ms = run_start.elapsed().as_millis() as u64;
+        let out = match out {
             Ok(out) => out,
             Err(e) => {
                 report_spawn_failure(events, id, &argv[0], e).await;
@@ -596,6 +601,7 @@ impl Executor {
             exit_code,
             signal: out.exit.signal,
             timed_out: out.timed_out,
+            wall_ms,
             peak_memory_bytes: out.peak_memory,
             stdout_truncated: out.stdout_truncated,
             stderr_truncated: out.stderr_truncated,

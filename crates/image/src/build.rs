@@ -8,7 +8,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use infra_config::Paths;
-use infra_languages::LanguageTable;
+use infra_languages::{Language, LanguageTable};
 use sha2::{Digest, Sha256};
 
 use crate::debootstrap::{self, CreateOptions};
@@ -48,6 +48,8 @@ pub struct BuildRequest {
     pub name: String,
     /// Language key whose environment and presets apply.
     pub language: Option<String>,
+    /// Every language to install (`rootfs create --langs`); `language` alone when empty.
+    pub languages: Vec<String>,
     /// Content source.
     pub origin: Origin,
     /// Size policy.
@@ -81,6 +83,14 @@ pub async fn build(req: &BuildRequest, paths: &Paths, progress: &dyn Progress) -
         .map(|l| LanguageTable::builtin().get(l))
         .transpose()?
         .cloned();
+    let languages: Vec<Language> = if req.languages.is_empty() {
+        language.iter().cloned().collect()
+    } else {
+        req.languages
+            .iter()
+            .map(|l| LanguageTable::builtin().get(l).cloned())
+            .collect::<std::result::Result<_, _>>()?
+    };
     let out_dir = req
         .output
         .parent()
@@ -141,21 +151,7 @@ pub async fn build(req: &BuildRequest, paths: &Paths, progress: &dyn Progress) -
         }
         Origin::Distro(opts) => {
             let mut opts = opts.clone();
-            if let Some(lang) = &language {
-                let pkgs = match opts.base {
-                    debootstrap::Base::Alpine => &lang.alpine_packages,
-                    _ => &lang.debian_packages,
-                };
-                if pkgs.is_empty() {
-                    return Err(Error::Usage(format!(
-                        "{} has no packages for this base in the language table: use `rootfs from-docker --lang {}`",
-                        lang.name, lang.key
-                    )));
-                }
-                let mut all = pkgs.clone();
-                all.append(&mut opts.packages);
-                opts.packages = all;
-            }
+            add_language_packages(&mut opts, &languages)?;
             progress.step(
                 1,
                 STEPS,
@@ -166,6 +162,7 @@ pub async fn build(req: &BuildRequest, paths: &Paths, progress: &dyn Progress) -
                 ),
             );
             let staging2 = staging.clone();
+            let opts_pip_npm = (opts.pip.clone(), opts.npm.clone());
             let staged = tokio::task::spawn_blocking(move || debootstrap::stage(&staging2, &opts))
                 .await
                 .map_err(|e| Error::Usage(format!("bootstrap task failed: {e}")))??;
@@ -173,7 +170,13 @@ pub async fn build(req: &BuildRequest, paths: &Paths, progress: &dyn Progress) -
             let status = std::fs::read(staging.join("var/lib/dpkg/status"))
                 .or_else(|_| std::fs::read(staging.join("lib/apk/db/installed")))
                 .unwrap_or_default();
-            let identity = hex::encode(Sha256::digest(&status));
+            let mut h = Sha256::new();
+            h.update(&status);
+            h.update(format!(
+                "pip={:?}\nnpm={:?}\n",
+                opts_pip_npm.0, opts_pip_npm.1
+            ));
+            let identity = hex::encode(h.finalize());
             let info = SourceInfo {
                 kind: staged.kind,
                 reference: staged.reference,
@@ -203,6 +206,7 @@ pub async fn build(req: &BuildRequest, paths: &Paths, progress: &dyn Progress) -
         &InjectOptions {
             agent: &req.agent,
             language: language.as_ref(),
+            languages: &languages,
             config: &config,
             epoch,
         },
@@ -253,6 +257,11 @@ pub async fn build(req: &BuildRequest, paths: &Paths, progress: &dyn Progress) -
         schema: MANIFEST_SCHEMA,
         name: req.name.clone(),
         language: language.as_ref().map(|l| l.key.clone()),
+        languages: if req.languages.is_empty() {
+            Vec::new()
+        } else {
+            languages.iter().map(|l| l.key.clone()).collect()
+        },
         source: source_info,
         size_bytes: facts.size_bytes,
         used_bytes: facts.used_bytes,
@@ -278,6 +287,72 @@ pub async fn build(req: &BuildRequest, paths: &Paths, progress: &dyn Progress) -
     .ctx("write manifest for", &req.output)?;
     infra_config::fsync_dir(&out_dir).ctx("sync", &out_dir)?;
     Ok(manifest)
+}
+
+/// Adds the languages' packages, PyPI and npm installs to a distribution build, and picks the
+/// Debian release they need. Languages that no reachable source provides, or that need
+/// different releases, are refused with what to do instead.
+fn add_language_packages(opts: &mut CreateOptions, languages: &[Language]) -> Result<()> {
+    let mut packages: Vec<String> = Vec::new();
+    for lang in languages {
+        if let Some(reason) = &lang.unavailable {
+            return Err(Error::Usage(format!(
+                "{} cannot be installed from the package sources this host reaches ({reason}): build it from {} with `rootfs from-docker --lang {}`",
+                lang.name,
+                lang.image.as_deref().unwrap_or("its OCI image"),
+                lang.key
+            )));
+        }
+        let pkgs = match opts.base {
+            debootstrap::Base::Alpine => &lang.alpine_packages,
+            _ => &lang.debian_packages,
+        };
+        let extra = lang.pip_packages.len() + lang.npm_packages.len();
+        if pkgs.is_empty() && extra == 0 && lang.key != "base" {
+            return Err(Error::Usage(format!(
+                "{} has no packages for this base in the language table: use `rootfs from-docker --lang {}`",
+                lang.name, lang.key
+            )));
+        }
+        for p in pkgs {
+            if !packages.contains(p) {
+                packages.push(p.clone());
+            }
+        }
+        if !lang.pip_packages.is_empty() {
+            opts.pip
+                .push((format!("/opt/pypi/{}", lang.key), lang.pip_packages.clone()));
+        }
+        if !lang.npm_packages.is_empty() {
+            opts.npm
+                .push((format!("/opt/npm/{}", lang.key), lang.npm_packages.clone()));
+        }
+    }
+    if opts.base == debootstrap::Base::Debian && opts.suite.is_none() {
+        let mut suites: Vec<(&str, &str)> = languages
+            .iter()
+            .map(|l| (l.suite.as_deref().unwrap_or("bookworm"), l.key.as_str()))
+            .collect();
+        suites.sort();
+        suites.dedup_by(|a, b| a.0 == b.0);
+        match suites.as_slice() {
+            [] | [("bookworm", _)] => {}
+            [(suite, _)] => opts.suite = Some(suite.to_string()),
+            several => {
+                let named: Vec<String> = several
+                    .iter()
+                    .map(|(s, k)| format!("{k} needs {s}"))
+                    .collect();
+                return Err(Error::Usage(format!(
+                    "these languages come from different Debian releases ({}): build them as separate images, or pass --suite",
+                    named.join(", ")
+                )));
+            }
+        }
+    }
+    packages.append(&mut opts.packages);
+    opts.packages = packages;
+    Ok(())
 }
 
 fn describe(spec: &SourceSpec) -> String {
@@ -421,6 +496,67 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         for p in &self.0 {
             let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> CreateOptions {
+        CreateOptions {
+            base: debootstrap::Base::Debian,
+            suite: None,
+            mirror: None,
+            packages: vec!["extra".into()],
+            pip: Vec::new(),
+            npm: Vec::new(),
+            post_install: None,
+            cache_dir: PathBuf::from("/nonexistent"),
+        }
+    }
+
+    fn langs(keys: &[&str]) -> Vec<Language> {
+        keys.iter()
+            .map(|k| LanguageTable::builtin().get(k).unwrap().clone())
+            .collect()
+    }
+
+    #[test]
+    fn polyglot_packages_are_merged_once_with_pypi_and_npm_apart() {
+        let mut o = opts();
+        add_language_packages(&mut o, &langs(&["c", "cpp", "zig", "bun"])).unwrap();
+        assert_eq!(
+            o.packages.iter().filter(|p| *p == "libc6-dev").count(),
+            1,
+            "{:?}",
+            o.packages
+        );
+        assert_eq!(o.packages.last().map(String::as_str), Some("extra"));
+        assert_eq!(o.pip.len(), 1);
+        assert_eq!(o.pip[0].0, "/opt/pypi/zig");
+        assert_eq!(o.npm[0].0, "/opt/npm/bun");
+        assert_eq!(o.suite, None);
+    }
+
+    #[test]
+    fn unavailable_languages_and_mixed_releases_are_refused() {
+        let table = LanguageTable::builtin();
+        if let Some(u) = table.iter().find(|l| !l.installable()) {
+            let e = add_language_packages(&mut opts(), std::slice::from_ref(u)).unwrap_err();
+            assert!(e.to_string().contains("rootfs from-docker"), "{e}");
+        }
+        if let Some(t) = table
+            .iter()
+            .find(|l| l.installable() && l.suite.as_deref() == Some("trixie"))
+        {
+            let mut o = opts();
+            add_language_packages(&mut o, std::slice::from_ref(t)).unwrap();
+            assert_eq!(o.suite.as_deref(), Some("trixie"));
+            let mixed = [t.clone(), table.get("python").unwrap().clone()];
+            let e = add_language_packages(&mut opts(), &mixed).unwrap_err();
+            assert!(e.to_string().contains("different Debian releases"), "{e}");
         }
     }
 }

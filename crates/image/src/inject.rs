@@ -38,6 +38,9 @@ pub struct InjectOptions<'a> {
     pub agent: &'a Path,
     /// Language whose environment goes into the profile and service files.
     pub language: Option<&'a Language>,
+    /// Every language installed (one for a language image, many for a polyglot one): each
+    /// gets its `/etc/profile.d/{key}.sh`.
+    pub languages: &'a [Language],
     /// Image config to hand to the agent.
     pub config: &'a ImageConfig,
     /// Timestamp for every written file.
@@ -121,7 +124,7 @@ pub fn inject(root: &Path, opts: &InjectOptions<'_>) -> Result<Injected> {
         writer.symlink("etc/runlevels/default/S99guest", "/etc/init.d/S99guest")?;
         enabled.push("openrc".to_string());
     }
-    if let Some(lang) = opts.language {
+    for lang in opts.language.into_iter().chain(opts.languages) {
         writer.file(
             &format!("etc/profile.d/{}.sh", lang.key),
             lang.profile_script().as_bytes(),
@@ -130,6 +133,7 @@ pub fn inject(root: &Path, opts: &InjectOptions<'_>) -> Result<Injected> {
     }
     let image_json = serde_json::json!({
         "language": opts.language.map(|l| l.key.clone()),
+        "languages": opts.languages.iter().map(|l| l.key.clone()).collect::<Vec<_>>(),
         "config": opts.config,
     });
     let text = serde_json::to_vec_pretty(&image_json).map_err(|e| Error::Usage(e.to_string()))?;

@@ -46,6 +46,9 @@ pub struct Manifest {
     pub name: String,
     /// Language key, when built for one.
     pub language: Option<String>,
+    /// Every language installed (`rootfs create --langs`); empty in manifests from before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub languages: Vec<String>,
     /// Origin of the content.
     pub source: SourceInfo,
     /// Image file size in bytes.

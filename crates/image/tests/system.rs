@@ -370,6 +370,8 @@ async fn create_python_on_debian_installs_the_language_and_agent() {
         suite: None,
         mirror: None,
         packages: vec![],
+        pip: Vec::new(),
+        npm: Vec::new(),
         post_install: Some({
             let p = work.path().join("post.sh");
             std::fs::write(&p, "echo post-install-ran > /etc/post-install-marker\n").unwrap();
@@ -411,6 +413,8 @@ async fn unreachable_alpine_mirror_is_a_clear_error() {
         suite: None,
         mirror: Some(format!("http://127.0.0.1:{}/alpine", free_port())),
         packages: vec![],
+        pip: Vec::new(),
+        npm: Vec::new(),
         post_install: None,
         cache_dir: shared_cache(),
     };

@@ -373,8 +373,13 @@ pub struct Exit {
     pub signal: Option<i32>,
     /// The wall-clock limit was reached and the process tree was killed.
     pub timed_out: bool,
-    /// Wall time from the start of the build (or run) to the end, in milliseconds.
+    /// Wall time of the program's run, in milliseconds; 0 when it never started (a failed
+    /// build). Agents before `build_ms` existed counted the build in here too.
     pub wall_ms: u64,
+    /// Wall time of the build step (compiled languages), in milliseconds; `None` when the
+    /// language has no build step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_ms: Option<u64>,
     /// Peak memory of the run (cgroup `memory.peak`, else the child's max RSS), if known.
     pub peak_memory_bytes: Option<u64>,
     /// Stdout was cut at `max_output_bytes`.

@@ -683,6 +683,7 @@ mod tests {
                 signal: None,
                 timed_out: false,
                 wall_ms: 5,
+                build_ms: None,
                 peak_memory_bytes: None,
                 stdout_truncated: false,
                 stderr_truncated: false,

@@ -26,6 +26,7 @@ pub mod pool;
 pub mod prepare;
 pub mod snapshot;
 pub mod snapshot_store;
+pub mod verify;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -246,8 +247,11 @@ pub struct RunOutcome {
     pub stderr: String,
     /// Shell-style exit code (124 for timeouts, 128+N for signals).
     pub exit_code: i32,
-    /// Program wall time, seconds.
+    /// Program wall time, seconds (the run only; a build is in `compile_time`).
     pub exec_time: f64,
+    /// Build step wall time, seconds, for compiled languages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compile_time: Option<f64>,
     /// Language key.
     pub lang: String,
     /// `restore` (from a snapshot) or `boot` (cold).
@@ -876,6 +880,7 @@ impl Runner {
             stderr: stderr_s,
             exit_code: exit.shell_exit_code(),
             exec_time: exit.wall_ms as f64 / 1000.0,
+            compile_time: exit.build_ms.map(|ms| ms as f64 / 1000.0),
             lang: spec.lang.clone(),
             start: start.to_string(),
             start_note,

@@ -94,11 +94,14 @@ pub async fn ensure_image(
     let req = BuildRequest {
         name: lang.key.clone(),
         language: Some(lang.key.clone()),
+        languages: Vec::new(),
         origin: Origin::Distro(CreateOptions {
             base: Base::Debian,
             suite: None,
             mirror: None,
             packages: Vec::new(),
+            pip: Vec::new(),
+            npm: Vec::new(),
             post_install: None,
             cache_dir: paths.cache.clone(),
         }),
@@ -167,7 +170,16 @@ pub async fn vm_files(
     };
     let initramfs = store.initramfs_for(agent)?;
     let rootfs = match &overrides.rootfs {
-        Some(r) => r.clone(),
+        Some(r) => match image_name(r) {
+            // `--rootfs polyglot`: an image by name, from the store when not here.
+            Some(name) => {
+                let lock = language_lock(name);
+                let _held = lock.lock().await;
+                fetch_image_from_store(paths, name, progress.clone()).await;
+                paths.image(name)
+            }
+            None => r.clone(),
+        },
         None => {
             // One fetch-or-build per language at a time in this process (the HTTP API gets
             // many first requests for a language at once); the others wait and find it.
@@ -178,10 +190,13 @@ pub async fn vm_files(
         }
     };
     if !rootfs.exists() {
+        let how = match overrides.rootfs.as_deref().and_then(image_name) {
+            Some(name) => format!("--langs {},... --name {name}", lang.key),
+            None => format!("--lang {}", lang.key),
+        };
         return Err(RunError::Usage(format!(
-            "rootfs {} does not exist; build it with `infra.operator rootfs create --lang {}`",
+            "rootfs {} does not exist; build it with `infra.operator rootfs create {how}`",
             rootfs.display(),
-            lang.key
         )));
     }
     let snap = crate::snapshot::snapshot_dir(&paths.home, &lang.key);
@@ -246,6 +261,19 @@ fn report_fetch(
             "note: {what} could not be fetched from the store ({e}); {instead}"
         )),
     }
+}
+
+/// The image name in a `--rootfs` value that is a bare name (`polyglot`) and not a file here;
+/// `None` for paths.
+fn image_name(rootfs: &Path) -> Option<&str> {
+    let name = rootfs.to_str()?;
+    let plain = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !name.ends_with(".ext4");
+    (plain && !rootfs.exists()).then_some(name)
 }
 
 /// Fetches `rootfs-{name}.ext4` from the configured store when it is not on this host.
@@ -355,5 +383,27 @@ impl infra_store::Progress for StoreProgress {
     }
     fn note(&self, message: &str) {
         self.0.detail(message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rootfs_values_are_names_or_paths() {
+        assert_eq!(image_name(Path::new("polyglot")), Some("polyglot"));
+        assert_eq!(image_name(Path::new("my-image_2")), Some("my-image_2"));
+        for path in [
+            "./polyglot",
+            "/srv/x.ext4",
+            "x.ext4",
+            "../polyglot",
+            ".hidden",
+            "a/b",
+            "",
+        ] {
+            assert_eq!(image_name(Path::new(path)), None, "{path}");
+        }
     }
 }

@@ -36,6 +36,7 @@ fn exit(id: u64) -> Exit {
         signal: None,
         timed_out: false,
         wall_ms: 1,
+        build_ms: None,
         peak_memory_bytes: None,
         stdout_truncated: false,
         stderr_truncated: false,

@@ -61,6 +61,7 @@ fn stand_in(l: &std::net::TcpListener, chunk: usize, own: bool) -> u64 {
         signal: None,
         timed_out: false,
         wall_ms: 1,
+        build_ms: None,
         peak_memory_bytes: None,
         stdout_truncated: false,
         stderr_truncated: false,

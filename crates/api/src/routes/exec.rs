@@ -109,8 +109,11 @@ pub struct ExecuteResponse {
     pub stderr: String,
     /// Shell-style exit code (124 on timeout, 128+N for signals).
     pub exit_code: i32,
-    /// Program wall time, seconds.
+    /// Program wall time, seconds (the run only; a build is in `compile_time`).
     pub exec_time: f64,
+    /// Build step wall time, seconds, for compiled languages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compile_time: Option<f64>,
     /// Language key.
     pub lang: String,
     /// `pool` (a ready VM of the warm pool), `restore` (from the language's snapshot) or `boot`.
@@ -186,6 +189,7 @@ fn split_outcome(o: RunOutcome) -> (ExecuteResponse, Vec<infra_runner::OutputFil
         stderr,
         exit_code,
         exec_time,
+        compile_time,
         lang,
         start,
         start_note,
@@ -222,6 +226,7 @@ fn split_outcome(o: RunOutcome) -> (ExecuteResponse, Vec<infra_runner::OutputFil
         stderr,
         exit_code,
         exec_time,
+        compile_time,
         lang,
         start,
         start_note,

@@ -457,6 +457,7 @@ pub fn request(
     let req = infra_image::BuildRequest {
         name: name.into(),
         language: Some("bash".into()),
+        languages: Vec::new(),
         origin,
         size: infra_image::ext4::SizeSpec::Auto { headroom_pct: 10 },
         output: paths.image(name),
