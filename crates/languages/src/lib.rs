@@ -363,6 +363,154 @@ mod tests {
         assert_eq!(t.get("C#").unwrap().key, "dotnet");
     }
 
+    /// The original system's 45 languages, by the keys it used.
+    const ORIGINAL_45: [&str; 45] = [
+        "awk",
+        "base",
+        "bash",
+        "bun",
+        "c",
+        "clojure",
+        "cobol",
+        "cpp",
+        "crystal",
+        "d",
+        "dart",
+        "deno",
+        "dotnet",
+        "elixir",
+        "erlang",
+        "fortran",
+        "go",
+        "groovy",
+        "haskell",
+        "java",
+        "jq",
+        "julia",
+        "kotlin",
+        "lisp",
+        "lua",
+        "nasm",
+        "nim",
+        "nodejs",
+        "ocaml",
+        "octave",
+        "pascal",
+        "perl",
+        "php",
+        "prolog",
+        "python",
+        "r",
+        "ruby",
+        "rust",
+        "scala",
+        "scheme",
+        "sqlite",
+        "swift",
+        "tcl",
+        "typescript",
+        "zig",
+    ];
+
+    #[test]
+    fn builtin_table_has_the_original_45_and_nothing_else() {
+        let t = LanguageTable::builtin();
+        let keys: Vec<&str> = t.iter().map(|l| l.key.as_str()).collect();
+        assert_eq!(keys, ORIGINAL_45, "keys, in table order");
+        for l in t.iter() {
+            assert!(l.image.is_some(), "{}: every entry names an OCI image", l.key);
+            assert!(
+                l.env.get("HOME").map(String::as_str) == Some("/tmp"),
+                "{}: the guest sets no HOME, so the table does",
+                l.key
+            );
+            assert_eq!(l.hello.stdout, "Hello, World!\n", "{}", l.key);
+            assert!(l.hello.input.is_empty(), "{}", l.key);
+            assert_eq!(l.stdin.input, "1\n2\n3\n4\n", "{}", l.key);
+            assert_eq!(l.stdin.stdout, "10\n", "{}", l.key);
+            assert_eq!(l.stdin.exit_code, 3, "{}", l.key);
+            if l.installable() {
+                assert!(
+                    l.timeout_s >= 120,
+                    "{}: emulated guests need at least 120 s",
+                    l.key
+                );
+            }
+            // Every argv names the file through {file} or a fixed name derived from it.
+            assert!(
+                l.run.iter().chain(&l.build).any(|a| a.contains("{file}")),
+                "{}: build or run uses {{file}}",
+                l.key
+            );
+        }
+    }
+
+    #[test]
+    fn aliases_users_type_resolve() {
+        let t = LanguageTable::builtin();
+        for (alias, key) in [
+            ("js", "nodejs"),
+            ("node", "nodejs"),
+            ("javascript", "nodejs"),
+            ("ts", "typescript"),
+            ("py", "python"),
+            ("python3", "python"),
+            ("golang", "go"),
+            ("c++", "cpp"),
+            ("cs", "dotnet"),
+            ("csharp", "dotnet"),
+            ("C#", "dotnet"),
+            ("sh", "base"),
+            ("rb", "ruby"),
+            ("pl", "perl"),
+            ("rs", "rust"),
+            ("hs", "haskell"),
+            ("ex", "elixir"),
+            ("exs", "elixir"),
+            ("erl", "erlang"),
+            ("kt", "kotlin"),
+            ("clj", "clojure"),
+            ("ml", "ocaml"),
+            ("f90", "fortran"),
+            ("gfortran", "fortran"),
+            ("pas", "pascal"),
+            ("fpc", "pascal"),
+            ("cob", "cobol"),
+            ("sbcl", "lisp"),
+            ("cl", "lisp"),
+            ("scm", "scheme"),
+            ("guile", "scheme"),
+            ("sqlite3", "sqlite"),
+            ("tclsh", "tcl"),
+            ("m", "octave"),
+            ("matlab", "octave"),
+            ("rlang", "r"),
+            ("swipl", "prolog"),
+            ("gawk", "awk"),
+            ("asm", "nasm"),
+            ("jl", "julia"),
+            ("cr", "crystal"),
+            ("dlang", "d"),
+        ] {
+            assert_eq!(t.get(alias).unwrap().key, key, "alias {alias}");
+        }
+        // bun is a language of its own, not TypeScript's alias.
+        assert_eq!(t.get("bun").unwrap().key, "bun");
+    }
+
+    #[test]
+    fn unavailable_languages_say_why_and_are_left_out_of_all() {
+        let t = LanguageTable::builtin();
+        let all: Vec<&str> = t.select("all").unwrap().iter().map(|l| l.key.as_str()).collect();
+        for l in t.iter().filter(|l| !l.installable()) {
+            assert!(!all.contains(&l.key.as_str()), "{}", l.key);
+            assert!(l.debian_packages.is_empty() && l.pip_packages.is_empty() && l.npm_packages.is_empty(), "{}", l.key);
+        }
+        for key in ["python", "c", "java", "go", "rust", "bash", "nodejs", "zig", "bun", "deno"] {
+            assert!(all.contains(&key), "{key} is installable");
+        }
+    }
+
     #[test]
     fn unknown_language_lists_known_ones() {
         let e = LanguageTable::builtin()
