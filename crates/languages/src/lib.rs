@@ -175,7 +175,9 @@ impl Language {
             || self.stdin.input.is_empty()
             || self.stdin.stdout.is_empty()
         {
-            p.push(format!("{key}: stdin needs code, input and expected stdout"));
+            p.push(format!(
+                "{key}: stdin needs code, input and expected stdout"
+            ));
         }
         if self.stdin.exit_code == 0 || !(1..=255).contains(&self.stdin.exit_code) {
             p.push(format!(
@@ -418,7 +420,11 @@ mod tests {
         let keys: Vec<&str> = t.iter().map(|l| l.key.as_str()).collect();
         assert_eq!(keys, ORIGINAL_45, "keys, in table order");
         for l in t.iter() {
-            assert!(l.image.is_some(), "{}: every entry names an OCI image", l.key);
+            assert!(
+                l.image.is_some(),
+                "{}: every entry names an OCI image",
+                l.key
+            );
             assert!(
                 l.env.get("HOME").map(String::as_str) == Some("/tmp"),
                 "{}: the guest sets no HOME, so the table does",
@@ -501,12 +507,25 @@ mod tests {
     #[test]
     fn unavailable_languages_say_why_and_are_left_out_of_all() {
         let t = LanguageTable::builtin();
-        let all: Vec<&str> = t.select("all").unwrap().iter().map(|l| l.key.as_str()).collect();
+        let all: Vec<&str> = t
+            .select("all")
+            .unwrap()
+            .iter()
+            .map(|l| l.key.as_str())
+            .collect();
         for l in t.iter().filter(|l| !l.installable()) {
             assert!(!all.contains(&l.key.as_str()), "{}", l.key);
-            assert!(l.debian_packages.is_empty() && l.pip_packages.is_empty() && l.npm_packages.is_empty(), "{}", l.key);
+            assert!(
+                l.debian_packages.is_empty()
+                    && l.pip_packages.is_empty()
+                    && l.npm_packages.is_empty(),
+                "{}",
+                l.key
+            );
         }
-        for key in ["python", "c", "java", "go", "rust", "bash", "nodejs", "zig", "bun", "deno"] {
+        for key in [
+            "python", "c", "java", "go", "rust", "bash", "nodejs", "zig", "bun", "deno",
+        ] {
             assert!(all.contains(&key), "{key} is installable");
         }
     }
@@ -537,19 +556,46 @@ mod tests {
         assert!(go.path_var(None).starts_with("/usr/local/go/bin:"));
     }
 
+    /// One minimal valid entry (packages and both programs), with `extra` lines added.
+    fn entry(key: &str, extra: &str) -> String {
+        format!(
+            "[{key}]\nname='{key}'\nfile='{key}'\nrun=['{key}']\nversion=['{key}']\n\
+             debian_packages=['{key}']\n{extra}\n\
+             [{key}.hello]\ncode='hi'\nstdout='hi'\n\
+             [{key}.stdin]\ncode='sum'\ninput='1'\nstdout='1'\nexit_code=3\n"
+        )
+    }
+
     #[test]
     fn duplicate_aliases_are_rejected() {
-        let bad = "[a]\nname='A'\nfile='a'\nrun=['a']\nversion=['a']\naliases=['x']\n\
-                   [b]\nname='B'\nfile='b'\nrun=['b']\nversion=['b']\naliases=['x']\n";
-        assert!(LanguageTable::parse(bad).is_err());
+        let good = entry("a", "aliases=['x']") + &entry("b", "aliases=['y']");
+        assert!(LanguageTable::parse(&good).is_ok());
+        let bad = entry("a", "aliases=['x']") + &entry("b", "aliases=['x']");
+        let e = LanguageTable::parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("name 'x' used by a and b"), "{e}");
+    }
+
+    #[test]
+    fn entries_without_programs_or_packages_are_rejected() {
+        let no_programs =
+            "[x]\nname='X'\nfile='x'\nrun=['x']\nversion=['x']\ndebian_packages=['x']\n";
+        assert!(LanguageTable::parse(no_programs).is_err());
+        let no_packages = entry("x", "").replace("debian_packages=['x']", "");
+        let e = LanguageTable::parse(&no_packages).unwrap_err().to_string();
+        assert!(e.contains("no packages"), "{e}");
+        let unavailable = no_packages.replace(
+            "version=['x']",
+            "version=['x']\nunavailable='not packaged'\nimage='x:1'",
+        );
+        assert!(LanguageTable::parse(&unavailable).is_ok());
+        let zero_exit = entry("x", "").replace("exit_code=3", "exit_code=0");
+        assert!(LanguageTable::parse(&zero_exit).is_err());
     }
 
     #[test]
     fn profile_script_escapes_values() {
-        let t = LanguageTable::parse(
-            "[x]\nname='X'\nfile='x'\nrun=['x']\nversion=['x']\nenv={A='$HOME \"q\"'}\npath=['/opt/x']\n",
-        )
-        .unwrap();
+        let t =
+            LanguageTable::parse(&entry("x", "env={A='$HOME \"q\"'}\npath=['/opt/x']")).unwrap();
         let s = t.get("x").unwrap().profile_script();
         assert!(s.contains("export PATH=\"/opt/x:$PATH\""));
         assert!(s.contains("export A=\"\\$HOME \\\"q\\\"\""));
