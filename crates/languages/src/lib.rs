@@ -175,7 +175,9 @@ impl Language {
             || self.stdin.input.is_empty()
             || self.stdin.stdout.is_empty()
         {
-            p.push(format!("{key}: stdin needs code, input and expected stdout"));
+            p.push(format!(
+                "{key}: stdin needs code, input and expected stdout"
+            ));
         }
         if self.stdin.exit_code == 0 || !(1..=255).contains(&self.stdin.exit_code) {
             p.push(format!(
@@ -363,6 +365,171 @@ mod tests {
         assert_eq!(t.get("C#").unwrap().key, "dotnet");
     }
 
+    /// The original system's 45 languages, by the keys it used.
+    const ORIGINAL_45: [&str; 45] = [
+        "awk",
+        "base",
+        "bash",
+        "bun",
+        "c",
+        "clojure",
+        "cobol",
+        "cpp",
+        "crystal",
+        "d",
+        "dart",
+        "deno",
+        "dotnet",
+        "elixir",
+        "erlang",
+        "fortran",
+        "go",
+        "groovy",
+        "haskell",
+        "java",
+        "jq",
+        "julia",
+        "kotlin",
+        "lisp",
+        "lua",
+        "nasm",
+        "nim",
+        "nodejs",
+        "ocaml",
+        "octave",
+        "pascal",
+        "perl",
+        "php",
+        "prolog",
+        "python",
+        "r",
+        "ruby",
+        "rust",
+        "scala",
+        "scheme",
+        "sqlite",
+        "swift",
+        "tcl",
+        "typescript",
+        "zig",
+    ];
+
+    #[test]
+    fn builtin_table_has_the_original_45_and_nothing_else() {
+        let t = LanguageTable::builtin();
+        let keys: Vec<&str> = t.iter().map(|l| l.key.as_str()).collect();
+        assert_eq!(keys, ORIGINAL_45, "keys, in table order");
+        for l in t.iter() {
+            assert!(
+                l.image.is_some(),
+                "{}: every entry names an OCI image",
+                l.key
+            );
+            assert!(
+                l.env.get("HOME").map(String::as_str) == Some("/tmp"),
+                "{}: the guest sets no HOME, so the table does",
+                l.key
+            );
+            assert_eq!(l.hello.stdout, "Hello, World!\n", "{}", l.key);
+            assert!(l.hello.input.is_empty(), "{}", l.key);
+            assert_eq!(l.stdin.input, "1\n2\n3\n4\n", "{}", l.key);
+            assert_eq!(l.stdin.stdout, "10\n", "{}", l.key);
+            assert_eq!(l.stdin.exit_code, 3, "{}", l.key);
+            if l.installable() {
+                assert!(
+                    l.timeout_s >= 120,
+                    "{}: emulated guests need at least 120 s",
+                    l.key
+                );
+            }
+            // Every argv names the file through {file} or a fixed name derived from it.
+            assert!(
+                l.run.iter().chain(&l.build).any(|a| a.contains("{file}")),
+                "{}: build or run uses {{file}}",
+                l.key
+            );
+        }
+    }
+
+    #[test]
+    fn aliases_users_type_resolve() {
+        let t = LanguageTable::builtin();
+        for (alias, key) in [
+            ("js", "nodejs"),
+            ("node", "nodejs"),
+            ("javascript", "nodejs"),
+            ("ts", "typescript"),
+            ("py", "python"),
+            ("python3", "python"),
+            ("golang", "go"),
+            ("c++", "cpp"),
+            ("cs", "dotnet"),
+            ("csharp", "dotnet"),
+            ("C#", "dotnet"),
+            ("sh", "base"),
+            ("rb", "ruby"),
+            ("pl", "perl"),
+            ("rs", "rust"),
+            ("hs", "haskell"),
+            ("ex", "elixir"),
+            ("exs", "elixir"),
+            ("erl", "erlang"),
+            ("kt", "kotlin"),
+            ("clj", "clojure"),
+            ("ml", "ocaml"),
+            ("f90", "fortran"),
+            ("gfortran", "fortran"),
+            ("pas", "pascal"),
+            ("fpc", "pascal"),
+            ("cob", "cobol"),
+            ("sbcl", "lisp"),
+            ("cl", "lisp"),
+            ("scm", "scheme"),
+            ("guile", "scheme"),
+            ("sqlite3", "sqlite"),
+            ("tclsh", "tcl"),
+            ("m", "octave"),
+            ("matlab", "octave"),
+            ("rlang", "r"),
+            ("swipl", "prolog"),
+            ("gawk", "awk"),
+            ("asm", "nasm"),
+            ("jl", "julia"),
+            ("cr", "crystal"),
+            ("dlang", "d"),
+        ] {
+            assert_eq!(t.get(alias).unwrap().key, key, "alias {alias}");
+        }
+        // bun is a language of its own, not TypeScript's alias.
+        assert_eq!(t.get("bun").unwrap().key, "bun");
+    }
+
+    #[test]
+    fn unavailable_languages_say_why_and_are_left_out_of_all() {
+        let t = LanguageTable::builtin();
+        let all: Vec<&str> = t
+            .select("all")
+            .unwrap()
+            .iter()
+            .map(|l| l.key.as_str())
+            .collect();
+        for l in t.iter().filter(|l| !l.installable()) {
+            assert!(!all.contains(&l.key.as_str()), "{}", l.key);
+            assert!(
+                l.debian_packages.is_empty()
+                    && l.pip_packages.is_empty()
+                    && l.npm_packages.is_empty(),
+                "{}",
+                l.key
+            );
+        }
+        for key in [
+            "python", "c", "java", "go", "rust", "bash", "nodejs", "zig", "bun", "deno",
+        ] {
+            assert!(all.contains(&key), "{key} is installable");
+        }
+    }
+
     #[test]
     fn unknown_language_lists_known_ones() {
         let e = LanguageTable::builtin()
@@ -389,19 +556,46 @@ mod tests {
         assert!(go.path_var(None).starts_with("/usr/local/go/bin:"));
     }
 
+    /// One minimal valid entry (packages and both programs), with `extra` lines added.
+    fn entry(key: &str, extra: &str) -> String {
+        format!(
+            "[{key}]\nname='{key}'\nfile='{key}'\nrun=['{key}']\nversion=['{key}']\n\
+             debian_packages=['{key}']\n{extra}\n\
+             [{key}.hello]\ncode='hi'\nstdout='hi'\n\
+             [{key}.stdin]\ncode='sum'\ninput='1'\nstdout='1'\nexit_code=3\n"
+        )
+    }
+
     #[test]
     fn duplicate_aliases_are_rejected() {
-        let bad = "[a]\nname='A'\nfile='a'\nrun=['a']\nversion=['a']\naliases=['x']\n\
-                   [b]\nname='B'\nfile='b'\nrun=['b']\nversion=['b']\naliases=['x']\n";
-        assert!(LanguageTable::parse(bad).is_err());
+        let good = entry("a", "aliases=['x']") + &entry("b", "aliases=['y']");
+        assert!(LanguageTable::parse(&good).is_ok());
+        let bad = entry("a", "aliases=['x']") + &entry("b", "aliases=['x']");
+        let e = LanguageTable::parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("name 'x' used by a and b"), "{e}");
+    }
+
+    #[test]
+    fn entries_without_programs_or_packages_are_rejected() {
+        let no_programs =
+            "[x]\nname='X'\nfile='x'\nrun=['x']\nversion=['x']\ndebian_packages=['x']\n";
+        assert!(LanguageTable::parse(no_programs).is_err());
+        let no_packages = entry("x", "").replace("debian_packages=['x']", "");
+        let e = LanguageTable::parse(&no_packages).unwrap_err().to_string();
+        assert!(e.contains("no packages"), "{e}");
+        let unavailable = no_packages.replace(
+            "version=['x']",
+            "version=['x']\nunavailable='not packaged'\nimage='x:1'",
+        );
+        assert!(LanguageTable::parse(&unavailable).is_ok());
+        let zero_exit = entry("x", "").replace("exit_code=3", "exit_code=0");
+        assert!(LanguageTable::parse(&zero_exit).is_err());
     }
 
     #[test]
     fn profile_script_escapes_values() {
-        let t = LanguageTable::parse(
-            "[x]\nname='X'\nfile='x'\nrun=['x']\nversion=['x']\nenv={A='$HOME \"q\"'}\npath=['/opt/x']\n",
-        )
-        .unwrap();
+        let t =
+            LanguageTable::parse(&entry("x", "env={A='$HOME \"q\"'}\npath=['/opt/x']")).unwrap();
         let s = t.get("x").unwrap().profile_script();
         assert!(s.contains("export PATH=\"/opt/x:$PATH\""));
         assert!(s.contains("export A=\"\\$HOME \\\"q\\\"\""));
