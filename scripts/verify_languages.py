@@ -274,6 +274,8 @@ def write_report(table, keys, args):
             "hello_run_s": guest_s, "hello_compile_s": (hello.get("build_ms") / 1000) if hello.get("build_ms") is not None else None,
             "stdin_ok": checks.get("stdin", {}).get("ok"), "compile_error_ok": checks.get("compile_error", {}).get("ok"),
             "host_hello_s": host, "vm_over_host": (guest_s / host) if (guest_s and host) else None,
+            "agent_overhead_s": ((hello["exec_ms"] - (hello.get("build_ms") or 0) - hello["run_ms"]) / 1000)
+            if hello.get("exec_ms") is not None else None,
             "problem": v.get("error") or vr.get("error") or next((c.get("problem") for c in vr.get("checks", []) if c.get("problem")), None),
         })
     machine = {
@@ -293,13 +295,15 @@ def write_report(table, keys, args):
                 f"Image builds took {build_total/60:.1f} min in all (one debootstrap base, reused; packages from the shared cache).\n\n")
         f.write("`hello run` is the program's run time inside the VM as the agent measures it (build excluded); "
                 "`compile` is the build step's time; `host` is the same hello program run natively in a chroot of the same image "
-                "(median of 3); `VM/host` is their ratio, mostly the cost of software CPU emulation here.\n\n")
-        f.write("| lang | version | result | image used | image build | boot | compile | hello run | host | VM/host | stdin | compile error |\n")
-        f.write("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+                "(median of 3); `VM/host` is their ratio, mostly the cost of software CPU emulation here. "
+                "`agent` is the agent's own cost per exec: the host-side time from request to exit minus the guest's build and run "
+                "times (writing the source, the run directory and cgroup, frames over vsock/virtio-serial, cleanup).\n\n")
+        f.write("| lang | version | result | image used | image build | boot | compile | hello run | host | VM/host | agent | stdin | compile error |\n")
+        f.write("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             if "unavailable" in r:
                 continue
-            f.write("| {lang} | {version} | {res} | {img} | {bi} | {boot} | {comp} | {run} | {host} | {ratio} | {stdin} | {ce} |\n".format(
+            f.write("| {lang} | {version} | {res} | {img} | {bi} | {boot} | {comp} | {run} | {host} | {ratio} | {agent} | {stdin} | {ce} |\n".format(
                 lang=r["lang"], version=(r["version"] or "").replace("|", "/")[:60],
                 res="PASS" if r["ok"] else "FAIL",
                 img="-" if r["image_used_mb"] is None else f"{r['image_used_mb']} MB",
@@ -309,6 +313,7 @@ def write_report(table, keys, args):
                 run=fmt_s(r["hello_run_s"]) + (" s" if r["hello_run_s"] is not None else ""),
                 host=fmt_s(r["host_hello_s"]) + (" s" if r["host_hello_s"] is not None else ""),
                 ratio="-" if r["vm_over_host"] is None else f"{r['vm_over_host']:.1f}x",
+                agent="-" if r["agent_overhead_s"] is None else f"{r['agent_overhead_s'] * 1000:.0f} ms",
                 stdin={True: "ok", False: "FAIL", None: "-"}[r["stdin_ok"]],
                 ce={True: "ok", False: "FAIL", None: "-"}[r["compile_error_ok"]],
             ))
