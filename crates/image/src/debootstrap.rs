@@ -490,30 +490,22 @@ fn post_install(root: &Path, script: &Path) -> Result<()> {
     let inside = root.join("tmp/infra-operator-post-install.sh");
     std::fs::create_dir_all(root.join("tmp")).ctx("create", root.join("tmp"))?;
     std::fs::copy(script, &inside).ctx("copy post-install script", script)?;
-    let proc_dir = root.join("proc");
-    std::fs::create_dir_all(&proc_dir).ctx("create", &proc_dir)?;
-    nix::mount::mount(
-        Some("proc"),
-        &proc_dir,
-        Some("proc"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|e| Error::io("mount proc at", &proc_dir, e.into()))?;
     let shell = if root.join("bin/bash").exists() {
         "/bin/bash"
     } else {
         "/bin/sh"
     };
-    let result = tools::run(
-        "post-install script",
-        Command::new("chroot")
-            .arg(root)
-            .arg(shell)
-            .arg("-e")
-            .arg("/tmp/infra-operator-post-install.sh"),
-    );
-    let _ = nix::mount::umount2(&proc_dir, nix::mount::MntFlags::MNT_DETACH);
+    let result = {
+        let _mounts = ChrootMounts::enter(root, None)?;
+        tools::run(
+            "post-install script",
+            Command::new("chroot")
+                .arg(root)
+                .arg(shell)
+                .arg("-e")
+                .arg("/tmp/infra-operator-post-install.sh"),
+        )
+    };
     let _ = std::fs::remove_file(&inside);
     result.map(|_| ())
 }

@@ -41,6 +41,21 @@ pub struct CheckResult {
     pub exec_ms: u64,
 }
 
+impl CheckResult {
+    fn new(check: &str, problem: Option<String>, exit: &Exit, took: Duration) -> Self {
+        Self {
+            check: check.into(),
+            ok: problem.is_none(),
+            problem,
+            status: exit.status.as_str().into(),
+            exit_code: exit.exit_code,
+            build_ms: exit.build_ms,
+            run_ms: exit.wall_ms,
+            exec_ms: took.as_millis() as u64,
+        }
+    }
+}
+
 /// One language's verdict.
 #[derive(Debug, Clone, Serialize)]
 pub struct LanguageReport {
@@ -234,16 +249,7 @@ async fn run_program(
     exec.timeout_ms = lang.timeout_s.saturating_mul(1000);
     let (exit, stdout, stderr, took) = exec_collect(ready, exec).await?;
     let problem = compare(program, &exit, &stdout, &stderr);
-    Ok(CheckResult {
-        check: name.into(),
-        ok: problem.is_none(),
-        problem,
-        status: exit.status.as_str().into(),
-        exit_code: exit.exit_code,
-        build_ms: exit.build_ms,
-        run_ms: exit.wall_ms,
-        exec_ms: took.as_millis() as u64,
-    })
+    Ok(CheckResult::new(name, problem, &exit, took))
 }
 
 async fn compile_error_check(
@@ -264,16 +270,7 @@ async fn compile_error_check(
     } else {
         None
     };
-    Ok(CheckResult {
-        check: "compile_error".into(),
-        ok: problem.is_none(),
-        problem,
-        status: exit.status.as_str().into(),
-        exit_code: exit.exit_code,
-        build_ms: exit.build_ms,
-        run_ms: exit.wall_ms,
-        exec_ms: took.as_millis() as u64,
-    })
+    Ok(CheckResult::new("compile_error", problem, &exit, took))
 }
 
 /// What differs between a program's expected and actual result, in one line.
