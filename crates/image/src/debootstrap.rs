@@ -108,8 +108,7 @@ pub fn stage(root: &Path, opts: &CreateOptions) -> Result<Staged> {
     };
     let staged = match opts.base {
         Base::Debian | Base::Ubuntu => {
-            let base = cached_base(opts, &suite, &mirror, what)?;
-            copy_tree(&base, root)?;
+            copy_base(opts, &suite, &mirror, what, root)?;
             apt_install(root, &opts.packages, &opts.cache_dir)?;
             let name = if opts.base == Base::Ubuntu {
                 "ubuntu"
@@ -142,10 +141,17 @@ pub fn stage(root: &Path, opts: &CreateOptions) -> Result<Staged> {
     Ok(staged)
 }
 
-/// The bootstrapped base for this distribution, release and mirror: made once with
-/// debootstrap (under a lock, in a temporary directory renamed into place), its apt lists
-/// refreshed when stale.
-fn cached_base(opts: &CreateOptions, suite: &str, mirror: &str, what: &str) -> Result<PathBuf> {
+/// Copies the bootstrapped base for this distribution, release and mirror into `root`. The
+/// base is made once with debootstrap (in a temporary directory renamed into place) and its apt
+/// lists are refreshed when stale; all of it, the copy included, under the base's lock, so a
+/// concurrent refresh never yields a half-updated copy.
+fn copy_base(
+    opts: &CreateOptions,
+    suite: &str,
+    mirror: &str,
+    what: &str,
+    root: &Path,
+) -> Result<()> {
     let bases = opts.cache_dir.join("bases");
     infra_config::ensure_dir(&bases, infra_config::PRIVATE_DIR)?;
     let tag = {
@@ -207,7 +213,7 @@ fn cached_base(opts: &CreateOptions, suite: &str, mirror: &str, what: &str) -> R
         )?;
         infra_config::write_atomic(&stamp, b"").ctx("write", &stamp)?;
     }
-    Ok(dir)
+    copy_tree(&dir, root)
 }
 
 fn debootstrap(root: &Path, opts: &CreateOptions, suite: &str, mirror: &str) -> Result<()> {
