@@ -163,26 +163,22 @@ pub async fn verify_language(ready: &mut ReadyVm, lang: &Language) -> LanguageRe
         Err(e) => return LanguageReport::failed(lang, format!("the VM stopped answering: {e}")),
     };
     let mut checks = Vec::new();
+    let lost = |version: String, checks: Vec<CheckResult>, e: RunError| {
+        let mut r = LanguageReport::failed(lang, format!("the VM stopped answering: {e}"));
+        r.version = version;
+        r.checks = checks;
+        r
+    };
     for (name, program) in [("hello", &lang.hello), ("stdin", &lang.stdin)] {
         match run_program(ready, lang, name, program).await {
             Ok(c) => checks.push(c),
-            Err(e) => {
-                let mut r = LanguageReport::failed(lang, format!("the VM stopped answering: {e}"));
-                r.version = version;
-                r.checks = checks;
-                return r;
-            }
+            Err(e) => return lost(version, checks, e),
         }
     }
     if lang.build_argv().is_some() {
         match compile_error_check(ready, lang).await {
             Ok(c) => checks.push(c),
-            Err(e) => {
-                let mut r = LanguageReport::failed(lang, format!("the VM stopped answering: {e}"));
-                r.version = version;
-                r.checks = checks;
-                return r;
-            }
+            Err(e) => return lost(version, checks, e),
         }
     }
     LanguageReport {
