@@ -40,7 +40,9 @@ fn mounted(p: &Path) -> bool {
         .unwrap()
         .lines()
         .any(|l| {
-            l.split(' ').nth(1) == Some(p.to_str().unwrap()) && l.contains("fuse.infra-operator")
+            let f: Vec<&str> = l.split(' ').collect();
+            f.get(1) == Some(&p.to_str().unwrap())
+                && f.get(2).is_some_and(|t| t.starts_with("fuse"))
         })
 }
 

@@ -13,7 +13,8 @@ use crate::fs::{Fs, FsConfig};
 use crate::fuse::FuseFs;
 use crate::options::MountOptions;
 
-/// File system type shown in `/proc/mounts` (`fuse.infra-operator`), and the fstab type.
+/// FUSE subtype (`fuse.infra-operator` is the fstab type; a root mount shows as `fuse` in
+/// `/proc/mounts`, with the bucket as the source).
 pub const SUBTYPE: &str = "infra-operator";
 
 /// What to mount where.
