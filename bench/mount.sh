@@ -74,7 +74,7 @@ mount_s3fs() {
 }
 remount() { umount "$W/$1"; "mount_$1"; }
 pid_of() {
-  if [ "$1" = ours ]; then pgrep -f "infra-operator mount s3://bench-ours" | head -1
+  if [ "$1" = ours ]; then pgrep -f "mount s3://bench-ours" | head -1
   else pgrep -f "s3fs bench-s3fs" | head -1; fi
 }
 now() { date +%s.%N; }
