@@ -178,6 +178,8 @@ struct Reader {
     etag: Option<String>,
     size: u64,
     stream: Option<Stream>,
+    /// The range after `stream`, already requested (sequential reading: two GETs in flight).
+    ahead: Option<Stream>,
     window: u64,
     /// Bytes received, in order, from `buf_start` (recent ones kept so that reads the kernel
     /// sends slightly out of order, as its async read-ahead does, are served without a seek).
@@ -190,6 +192,8 @@ struct Reader {
 struct Stream {
     rx: mpsc::Receiver<Result<Bytes, StoreError>>,
     task: tokio::task::JoinHandle<()>,
+    /// Start of the range requested.
+    start: u64,
     /// End of the range requested.
     end: u64,
 }
@@ -1406,6 +1410,7 @@ impl Fs {
             etag,
             size: attr.size,
             stream: None,
+            ahead: None,
             window: START_WINDOW,
             buf: Default::default(),
             buf_start: 0,
@@ -1500,6 +1505,7 @@ impl Fs {
         let received = r.buf_start + r.buf_len;
         if offset < r.buf_start || offset > received + SKIP_AHEAD {
             r.stream = None;
+            r.ahead = None;
             r.buf.clear();
             r.buf_start = offset;
             r.buf_len = 0;
@@ -1508,10 +1514,23 @@ impl Fs {
         while r.buf_start + r.buf_len < want_end {
             let next = r.buf_start + r.buf_len;
             if r.stream.as_ref().is_none_or(|s| s.end <= next) {
-                if r.stream.is_some() {
+                let sequential = r.stream.is_some() || next == 0;
+                r.stream = match r.ahead.take() {
+                    Some(a) if a.start == next => Some(a),
+                    _ => {
+                        if r.stream.is_some() {
+                            r.window = (r.window * 2).min(MAX_WINDOW);
+                        }
+                        Some(self.start_stream(r, next).await?)
+                    }
+                };
+                // Reading sequentially: the following range is requested now, so two GETs
+                // are in flight.
+                let end = r.stream.as_ref().map_or(r.size, |s| s.end);
+                if sequential && end < r.size {
                     r.window = (r.window * 2).min(MAX_WINDOW);
+                    r.ahead = Some(self.start_stream(r, end).await?);
                 }
-                r.stream = Some(self.start_stream(r, next).await?);
             }
             let s = r.stream.as_mut().ok_or(FsError::BadHandle)?;
             match tokio::time::timeout(self.cfg.timeout, s.rx.recv()).await {
@@ -1521,6 +1540,7 @@ impl Fs {
                 }
                 Ok(Some(Err(e))) => {
                     r.stream = None;
+                    r.ahead = None;
                     return Err(e.into());
                 }
                 Ok(None) => {
@@ -1583,7 +1603,12 @@ impl Fs {
                 }
             }
         });
-        Ok(Stream { rx, task, end })
+        Ok(Stream {
+            rx,
+            task,
+            start: offset,
+            end,
+        })
     }
 
     /// Writes into an open file's staging file.
