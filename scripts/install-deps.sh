@@ -5,7 +5,7 @@
 #   scripts/install-deps.sh           what the main job needs: build images, boot a microVM
 #   scripts/install-deps.sh --tests   that, plus the servers and clients only tests and
 #                                     benchmarks use (registry, dockerd, PostgreSQL, Garage,
-#                                     aws-cli, s5cmd, the OpenAI SDK)
+#                                     aws-cli, s5cmd, the OpenAI SDK, fuse3, s3fs)
 set -euo pipefail
 
 tests=0
@@ -31,6 +31,8 @@ if [ "$tests" -eq 1 ]; then
     python3 perl gcc libc6-dev  # guest agent tests run these languages on the host
     cpio             # cross-check of the initramfs archive format
     postgresql       # infra-files runs a private PostgreSQL server (initdb, pg_ctl)
+    fuse3            # the mount tests: fusermount3 (non-root mounts) and /etc/fuse.conf
+    s3fs             # the mount's interop tests and benchmark: Debian's s3fs-fuse (1.90)
   )
 fi
 

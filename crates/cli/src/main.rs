@@ -4,6 +4,7 @@
 mod api;
 mod benchmark;
 mod kernel;
+mod mount;
 mod outputs;
 mod rootfs;
 mod run;
@@ -72,6 +73,10 @@ enum Command {
     Snapshot(snapshot::SnapshotCommand),
     /// Time cold boots, snapshot restores, pool hand-outs and executions on this host.
     Benchmark(Box<benchmark::BenchmarkArgs>),
+    /// Mount a bucket as a file system (FUSE, s3fs-compatible).
+    Mount(mount::MountArgs),
+    /// Unmount a bucket mounted with `mount`.
+    Umount(mount::UmountArgs),
 }
 
 /// A missing prerequisite found by `setup --check` (exit code 4).
@@ -104,11 +109,23 @@ fn main() {
     if infra_guest::initramfs::is_initramfs_init() {
         infra_guest::initramfs::run_stage();
     }
-    let cli = Cli::parse();
+    // Run by mount(8) for an fstab line of type fuse.infra-operator.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match mount::helper_args(&argv) {
+        Some(args) => Cli::parse_from(args),
+        None => Cli::parse(),
+    };
     // aws-config warns for every credential source it tries; errors say it once.
     init_logging("warn,aws_config=error");
     let _ = rustls::crypto::ring::default_provider().install_default();
     let paths = infra_config::Paths::from_env();
+    // The mount runs its own runtime and FUSE threads (and may start itself again as the
+    // daemon): it is dispatched before this process starts one.
+    let cli = match cli.command {
+        Command::Mount(a) => finish(mount::mount(a, &paths), false),
+        Command::Umount(a) => finish(mount::umount(a), false),
+        command => Cli { command },
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -132,8 +149,14 @@ fn main() {
             Command::Store(cmd) => store::run(cmd, &paths).await.map(|()| 0),
             Command::Api(a) => api::run(a, &paths).await.map(|()| 0),
             Command::Benchmark(a) => benchmark::run(*a, &paths).await.map(|()| 0),
+            Command::Mount(_) | Command::Umount(_) => unreachable!("dispatched above"),
         }
     });
+    finish(result, is_run)
+}
+
+/// Exits with the command's code, or prints its error and exits with the error's code.
+fn finish(result: anyhow::Result<i32>, is_run: bool) -> ! {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -194,6 +217,9 @@ fn cause_kind(c: &(dyn std::error::Error + 'static)) -> Option<infra_config::Err
         return Some(e.kind());
     }
     if let Some(e) = c.downcast_ref::<infra_api::keys::KeyError>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = c.downcast_ref::<infra_mount::MountError>() {
         return Some(e.kind());
     }
     if c.downcast_ref::<Missing>().is_some() {

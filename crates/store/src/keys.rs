@@ -31,6 +31,8 @@ pub enum KeyProblem {
     EmptyComponent,
     /// The key contains a NUL byte.
     Nul,
+    /// A single name (component) contains `/`.
+    Slash,
     /// A component is longer than [`MAX_COMPONENT`] bytes.
     ComponentTooLong,
     /// The key names the local store's bookkeeping directory.
@@ -53,6 +55,7 @@ impl std::fmt::Display for KeyProblem {
                 f.write_str("it has an empty component ('//' or a trailing '/')")
             }
             Self::Nul => f.write_str("it contains a NUL byte"),
+            Self::Slash => f.write_str("a file name contains '/'"),
             Self::ComponentTooLong => {
                 write!(f, "a component is longer than {MAX_COMPONENT} bytes")
             }
@@ -78,16 +81,22 @@ pub fn check_key(key: &str) -> Result<(), KeyProblem> {
     if key.starts_with('/') {
         return Err(KeyProblem::Absolute);
     }
-    for c in key.split('/') {
-        match c {
-            "" => return Err(KeyProblem::EmptyComponent),
-            "." => return Err(KeyProblem::DotComponent),
-            ".." => return Err(KeyProblem::ParentComponent),
-            c if c.len() > MAX_COMPONENT => return Err(KeyProblem::ComponentTooLong),
-            _ => {}
-        }
+    key.split('/').try_for_each(check_component)
+}
+
+/// Checks one component of a key (one file name: what lies between two `/`): refused when it
+/// is empty, `.`, `..`, contains NUL or `/`, or is longer than [`MAX_COMPONENT`]. [`check_key`]
+/// applies it to every component; the mount applies it to every name it shows or is given.
+pub fn check_component(c: &str) -> Result<(), KeyProblem> {
+    match c {
+        "" => Err(KeyProblem::EmptyComponent),
+        "." => Err(KeyProblem::DotComponent),
+        ".." => Err(KeyProblem::ParentComponent),
+        c if c.contains('\0') => Err(KeyProblem::Nul),
+        c if c.contains('/') => Err(KeyProblem::Slash),
+        c if c.len() > MAX_COMPONENT => Err(KeyProblem::ComponentTooLong),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// The local path of `key` beneath `root`, after [`check_key`]: every component of the result
@@ -213,6 +222,27 @@ mod tests {
         }
         let long = "a".repeat(MAX_COMPONENT + 1);
         assert_eq!(check_key(&long), Err(KeyProblem::ComponentTooLong));
+    }
+
+    #[test]
+    fn hostile_components_are_refused() {
+        for (c, want) in [
+            ("", KeyProblem::EmptyComponent),
+            (".", KeyProblem::DotComponent),
+            ("..", KeyProblem::ParentComponent),
+            ("a\0b", KeyProblem::Nul),
+            ("a/b", KeyProblem::Slash),
+            ("/", KeyProblem::Slash),
+        ] {
+            assert_eq!(check_component(c), Err(want), "{c:?}");
+        }
+        assert_eq!(
+            check_component(&"x".repeat(MAX_COMPONENT + 1)),
+            Err(KeyProblem::ComponentTooLong)
+        );
+        for c in ["a", "...", ".hidden", "a b", "ключ", "a\\b"] {
+            assert_eq!(check_component(c), Ok(()), "{c:?}");
+        }
     }
 
     #[test]

@@ -34,12 +34,14 @@ pub use error::{CredentialProblem, Error, Result, ACCESS_DENIED_HINTS};
 pub use hashes::{
     etag_of_file, local_matches_etag, parse_etag, sha256_file, sha256_file_parts, HashCache,
 };
-pub use keys::{check_key, existing_key_path, prepare_key_path, safe_key_path, KeyProblem};
+pub use keys::{
+    check_component, check_key, existing_key_path, prepare_key_path, safe_key_path, KeyProblem,
+};
 pub use local::{LocalStore, STATE_DIR};
 pub use object::{
-    BackendKind, Body, ByteChunks, GetOptions, GetResponse, InitOptions, InitStep, Metadata,
-    ObjectInfo, ObjectStore, PartInfo, PutResult, StepStatus, VersionInfo, META_SHA256,
-    META_UNCOMPRESSED_SHA256, META_UNCOMPRESSED_SIZE,
+    group_listing, BackendKind, Body, ByteChunks, GetOptions, GetResponse, InitOptions, InitStep,
+    ListPage, Metadata, ObjectInfo, ObjectStore, PartInfo, PutResult, StepStatus, VersionInfo,
+    META_SHA256, META_UNCOMPRESSED_SHA256, META_UNCOMPRESSED_SIZE,
 };
 pub use progress::{NoProgress, Progress};
 pub use s3::{S3Settings, S3Store, Sse, DEFAULT_REGION};

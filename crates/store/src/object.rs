@@ -66,6 +66,18 @@ pub struct VersionInfo {
     pub etag: Option<String>,
 }
 
+/// One page of a listing with a delimiter (`ListObjectsV2` with `delimiter=/`): the objects
+/// directly under the prefix and the common prefixes ("subdirectories") below it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListPage {
+    /// Objects whose key has no delimiter after the prefix (keys relative to the store prefix).
+    pub objects: Vec<ObjectInfo>,
+    /// Common prefixes, each ending in the delimiter (relative to the store prefix).
+    pub prefixes: Vec<String>,
+    /// Token of the next page; `None` on the last page.
+    pub next: Option<String>,
+}
+
 /// A part of a multipart upload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PartInfo {
@@ -236,8 +248,116 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Abandons an upload and frees its parts.
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<()>;
 
+    /// One page of the keys under `prefix` grouped at `delimiter`, from `token` (the previous
+    /// page's [`ListPage::next`]); at most `max_keys` entries when given. The default lists
+    /// everything under the prefix with [`ObjectStore::list`] and groups it in one page (the
+    /// local store); the S3 store sends `ListObjectsV2` with the delimiter.
+    async fn list_page(
+        &self,
+        prefix: &str,
+        delimiter: &str,
+        token: Option<&str>,
+        max_keys: Option<i32>,
+    ) -> Result<ListPage> {
+        let _ = (token, max_keys);
+        let all = self.list(prefix).await?;
+        Ok(group_listing(prefix, delimiter, all))
+    }
+
+    /// Copies `from` to `to` within the store, server-side where the backend can. With
+    /// `metadata`, the copy gets exactly that user metadata (S3 `MetadataDirective: REPLACE`);
+    /// without, it keeps the source's. Copying a key onto itself with new metadata is how
+    /// metadata changes (S3 has no other way). The default reads the source into a temporary
+    /// file and writes it again (the local store).
+    async fn copy(&self, from: &str, to: &str, metadata: Option<&Metadata>) -> Result<PutResult> {
+        use futures::StreamExt;
+        use std::io::Write;
+        let resp = self.get(from, &GetOptions::default()).await?;
+        let meta = metadata.cloned().unwrap_or(resp.info.metadata.clone());
+        let tmp = tempfile::NamedTempFile::new()
+            .map_err(|e| crate::Error::io("create", std::env::temp_dir(), e))?;
+        let path = tmp.path().to_path_buf();
+        let mut file = tmp.as_file();
+        let mut body = resp.body;
+        let mut len = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            len += chunk.len() as u64;
+            file.write_all(&chunk)
+                .map_err(|e| crate::Error::io("write", &path, e))?;
+        }
+        let r = self
+            .put(
+                to,
+                Body::File {
+                    path: path.clone(),
+                    offset: 0,
+                    len,
+                },
+                &meta,
+            )
+            .await;
+        drop(tmp);
+        r
+    }
+
     /// All versions of `key` (newest first).
     async fn versions(&self, key: &str) -> Result<Vec<VersionInfo>>;
     /// Creates the bucket and applies versioning, lifecycle and encryption as far as supported.
     async fn init(&self, opts: &InitOptions) -> Result<Vec<InitStep>>;
+}
+
+/// Groups a recursive listing of `prefix` at `delimiter` into one [`ListPage`] (what
+/// `ListObjectsV2` with a delimiter answers), for backends without a delimited listing.
+pub fn group_listing(prefix: &str, delimiter: &str, all: Vec<ObjectInfo>) -> ListPage {
+    let mut page = ListPage::default();
+    for o in all {
+        let Some(rest) = o.key.strip_prefix(prefix) else {
+            continue;
+        };
+        match (delimiter.is_empty(), rest.find(delimiter)) {
+            (false, Some(i)) => {
+                let p = format!("{prefix}{}", &rest[..i + delimiter.len()]);
+                if page.prefixes.last() != Some(&p) {
+                    page.prefixes.push(p);
+                }
+            }
+            _ => page.objects.push(o),
+        }
+    }
+    page.prefixes.dedup();
+    page
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(key: &str) -> ObjectInfo {
+        ObjectInfo {
+            key: key.into(),
+            size: 1,
+            last_modified: None,
+            etag: None,
+            version_id: None,
+            metadata: Metadata::new(),
+        }
+    }
+
+    #[test]
+    fn grouping_at_the_delimiter() {
+        let all = ["a", "d/", "d/x", "d/y/z", "e/f", "top"]
+            .into_iter()
+            .map(info)
+            .collect();
+        let p = group_listing("", "/", all);
+        let keys: Vec<_> = p.objects.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["a", "top"]);
+        assert_eq!(p.prefixes, ["d/", "e/"]);
+        let all = ["d/", "d/x", "d/y/z"].into_iter().map(info).collect();
+        let p = group_listing("d/", "/", all);
+        let keys: Vec<_> = p.objects.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["d/", "d/x"]);
+        assert_eq!(p.prefixes, ["d/y/"]);
+    }
 }

@@ -28,8 +28,8 @@ use futures::StreamExt;
 
 use crate::error::{CredentialProblem, Error, Result};
 use crate::object::{
-    BackendKind, Body, GetOptions, GetResponse, InitOptions, InitStep, Metadata, ObjectInfo,
-    ObjectStore, PartInfo, PutResult, StepStatus, VersionInfo,
+    BackendKind, Body, GetOptions, GetResponse, InitOptions, InitStep, ListPage, Metadata,
+    ObjectInfo, ObjectStore, PartInfo, PutResult, StepStatus, VersionInfo,
 };
 
 /// Region used when none is configured (the seed's bucket region).
@@ -530,6 +530,20 @@ fn unquote(etag: Option<&str>) -> Option<String> {
     etag.map(|e| e.trim_matches('"').to_string())
 }
 
+/// `x-amz-copy-source` value: `bucket/key` with the key percent-encoded (all but unreserved
+/// characters and `/`), as S3 requires.
+fn copy_source(bucket: &str, key: &str) -> String {
+    let mut out = format!("{bucket}/");
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Total object size from `Content-Range: bytes a-b/total`.
 fn total_from_content_range(v: &str) -> Option<u64> {
     v.rsplit('/').next()?.parse().ok()
@@ -586,6 +600,86 @@ impl ObjectStore for S3Store {
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
+    }
+
+    #[tracing::instrument(skip_all, fields(bucket = %self.bucket, prefix = %prefix))]
+    async fn list_page(
+        &self,
+        prefix: &str,
+        delimiter: &str,
+        token: Option<&str>,
+        max_keys: Option<i32>,
+    ) -> Result<ListPage> {
+        let resp = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(self.full(prefix))
+            .delimiter(delimiter)
+            .set_continuation_token(token.map(str::to_string))
+            .set_max_keys(max_keys)
+            .send()
+            .await
+            .map_err(|e| self.map_err("ListObjectsV2", None, e))?;
+        let sidecars = crate::parts::is_sidecar_key(prefix);
+        let mut page = ListPage::default();
+        for o in resp.contents() {
+            let Some(key) = o.key().and_then(|k| k.strip_prefix(&self.prefix)) else {
+                continue;
+            };
+            if crate::parts::is_sidecar_key(key) && !sidecars {
+                continue;
+            }
+            page.objects.push(ObjectInfo {
+                key: key.to_string(),
+                size: o.size().unwrap_or(0).max(0) as u64,
+                last_modified: o.last_modified().and_then(to_chrono),
+                etag: unquote(o.e_tag()),
+                version_id: None,
+                metadata: Metadata::new(),
+            });
+        }
+        for p in resp.common_prefixes() {
+            let Some(p) = p.prefix().and_then(|k| k.strip_prefix(&self.prefix)) else {
+                continue;
+            };
+            if crate::parts::is_sidecar_key(p) && !sidecars {
+                continue;
+            }
+            page.prefixes.push(p.to_string());
+        }
+        page.next = match resp.next_continuation_token() {
+            Some(t) if resp.is_truncated() == Some(true) => Some(t.to_string()),
+            _ => None,
+        };
+        Ok(page)
+    }
+
+    #[tracing::instrument(skip_all, fields(bucket = %self.bucket, from = %from, to = %to))]
+    async fn copy(&self, from: &str, to: &str, metadata: Option<&Metadata>) -> Result<PutResult> {
+        let mut req = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(self.full(to))
+            .copy_source(copy_source(&self.bucket, &self.full(from)))
+            .set_server_side_encryption(self.sse_algorithm())
+            .set_ssekms_key_id(self.sse_key_id());
+        if let Some(m) = metadata {
+            req = req
+                .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+                .content_type("application/octet-stream")
+                .set_metadata(Some(m.clone().into_iter().collect()));
+        }
+        // The source is named in the error: a missing source is the case worth naming.
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| self.map_err("CopyObject", Some(from), e))?;
+        Ok(PutResult {
+            etag: unquote(resp.copy_object_result().and_then(|r| r.e_tag())),
+            version_id: resp.version_id().map(str::to_string),
+        })
     }
 
     #[tracing::instrument(skip_all, fields(bucket = %self.bucket, key = %key))]
@@ -1093,5 +1187,6 @@ mod tests {
         assert_eq!(normalize_prefix(""), "");
         assert_eq!(total_from_content_range("bytes 0-9/100"), Some(100));
         assert_eq!(total_from_content_range("bytes 0-9/*"), None);
+        assert_eq!(copy_source("b", "a b/ü+%.txt"), "b/a%20b/%C3%BC%2B%25.txt");
     }
 }

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::object::{
-    BackendKind, Body, GetOptions, GetResponse, InitOptions, InitStep, Metadata, ObjectInfo,
-    ObjectStore, PartInfo, PutResult, VersionInfo,
+    BackendKind, Body, GetOptions, GetResponse, InitOptions, InitStep, ListPage, Metadata,
+    ObjectInfo, ObjectStore, PartInfo, PutResult, VersionInfo,
 };
 use crate::{Error, Result, S3Settings, S3Store};
 
@@ -392,6 +392,22 @@ impl ObjectStore for FaultyStore {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         self.faults.list_calls.fetch_add(1, Ordering::SeqCst);
         self.inner.list(prefix).await
+    }
+    async fn list_page(
+        &self,
+        prefix: &str,
+        delimiter: &str,
+        token: Option<&str>,
+        max_keys: Option<i32>,
+    ) -> Result<ListPage> {
+        self.faults.list_calls.fetch_add(1, Ordering::SeqCst);
+        self.inner
+            .list_page(prefix, delimiter, token, max_keys)
+            .await
+    }
+    async fn copy(&self, from: &str, to: &str, metadata: Option<&Metadata>) -> Result<PutResult> {
+        self.faults.write_calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.copy(from, to, metadata).await
     }
     async fn head(&self, key: &str, version_id: Option<&str>) -> Result<ObjectInfo> {
         self.faults.head_calls.fetch_add(1, Ordering::SeqCst);

@@ -1,0 +1,1684 @@
+//! The file system over a store, independent of FUSE: inodes, caches, open files and every
+//! operation as an async function returning [`FsResult`]. `fuse.rs` adapts it to the kernel.
+//!
+//! Inodes are numbered in memory: a node is a (parent, name) pair, its key is the names on the
+//! way down joined with `/` (a directory's objects live under `key/`). Names come from the
+//! bucket through [`infra_store::check_component`] (keys that cannot be file names are hidden
+//! with one warning each) and from the kernel through the same check, so no path built here
+//! can leave the mount's prefix.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use infra_store::{
+    check_component, Body, Error as StoreError, GetOptions, ObjectInfo, ObjectStore, PartInfo,
+};
+use tokio::sync::mpsc;
+
+use crate::error::{FsError, FsResult};
+use crate::meta::{Attr, Kind};
+
+/// Inode number of the root.
+pub const ROOT: u64 = 1;
+/// Objects listed per `ListObjectsV2` page.
+const PAGE: i32 = 1000;
+/// HEAD requests in flight when `readdirplus` fills attributes.
+const HEAD_CONCURRENCY: usize = 64;
+/// Entries whose attributes one `readdirplus` call fetches ahead.
+const PLUS_AHEAD: usize = 512;
+/// First window of a ranged GET after a seek; doubled while reads stay sequential.
+const FIRST_WINDOW: u64 = 1 << 20;
+/// First window of a read that starts at offset 0.
+const START_WINDOW: u64 = 8 << 20;
+/// Largest window of one ranged GET.
+const MAX_WINDOW: u64 = 1 << 30;
+/// Body chunks buffered ahead of the reader (the prefetch).
+const PREFETCH_CHUNKS: usize = 1024;
+/// A read this far past the received bytes waits for them rather than seeking.
+const SKIP_AHEAD: u64 = 4 << 20;
+/// Received bytes kept behind the reader.
+const KEEP_BEHIND: u64 = 8 << 20;
+/// Longest symbolic link target read back.
+const MAX_LINK: u64 = 4096;
+
+/// Attributes and ETag of a node as the bucket has them.
+type Resolved = (Attr, Option<String>);
+
+/// What the file system needs to know, resolved from the options.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// Owner shown for objects without `x-amz-meta-uid` (the mounting user).
+    pub default_uid: u32,
+    /// Group shown for objects without `x-amz-meta-gid`.
+    pub default_gid: u32,
+    /// `uid=`: the owner shown for everything.
+    pub force_uid: Option<u32>,
+    /// `gid=`: the group shown for everything.
+    pub force_gid: Option<u32>,
+    /// `umask=`: bits cleared from every mode shown.
+    pub umask: u32,
+    /// `ro`.
+    pub read_only: bool,
+    /// Cache lifetime of listings and attributes.
+    pub ttl: Duration,
+    /// Limit of one request, and of each wait for download bytes.
+    pub timeout: Duration,
+    /// Multipart part size, also the size above which uploads are multipart.
+    pub part_size: u64,
+    /// Parts in flight per upload.
+    pub concurrency: usize,
+    /// Staging directory.
+    pub cache_dir: PathBuf,
+    /// Most bytes staged at once.
+    pub cache_limit: u64,
+}
+
+/// One directory entry.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// File name (checked).
+    pub name: String,
+    /// What the listing says it is (symbolic links show as files until a HEAD tells).
+    pub kind: Kind,
+    /// The listing's info for objects.
+    pub info: Option<ObjectInfo>,
+}
+
+/// Attribute changes of `setattr`.
+#[derive(Debug, Clone, Default)]
+pub struct SetAttr {
+    /// New permission bits.
+    pub mode: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size (truncate or extend).
+    pub size: Option<u64>,
+    /// New modification time.
+    pub mtime: Option<SystemTime>,
+}
+
+#[derive(Debug)]
+struct Node {
+    parent: u64,
+    name: String,
+    attr: Attr,
+    /// When the store last confirmed the attributes.
+    fetched: Option<Instant>,
+    lookups: u64,
+    etag: Option<String>,
+    /// Open write handles.
+    writers: usize,
+    /// Removed while open: do not upload it again.
+    unlinked: bool,
+    /// ETag seen by the last open for reading (the kernel may keep its page cache).
+    read_etag: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    nodes: HashMap<u64, Node>,
+    names: HashMap<(u64, String), u64>,
+    next_ino: u64,
+    dirs: HashMap<u64, (Instant, Arc<Vec<Entry>>)>,
+}
+
+impl State {
+    fn path(&self, ino: u64) -> Option<String> {
+        let mut parts = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT {
+            let n = self.nodes.get(&cur)?;
+            parts.push(n.name.as_str());
+            cur = n.parent;
+        }
+        parts.reverse();
+        Some(parts.join("/"))
+    }
+}
+
+/// An open directory: its entries as listed at `opendir`, and attributes fetched for
+/// `readdirplus`.
+#[derive(Debug)]
+pub struct DirHandle {
+    /// The directory.
+    pub ino: u64,
+    /// Entries (without `.` and `..`).
+    pub entries: Arc<Vec<Entry>>,
+    attrs: Vec<Option<(Attr, Option<String>)>>,
+}
+
+/// An entry for `readdirplus`: its node and attributes.
+#[derive(Debug, Clone)]
+pub struct PlusEntry {
+    /// File name.
+    pub name: String,
+    /// Inode (created if new; its lookup count is raised by [`Fs::remember`]).
+    pub ino: u64,
+    /// Attributes.
+    pub attr: Attr,
+}
+
+#[derive(Debug)]
+enum Handle {
+    Read(Reader),
+    Write(Staging),
+}
+
+#[derive(Debug)]
+struct Reader {
+    ino: u64,
+    etag: Option<String>,
+    size: u64,
+    stream: Option<Stream>,
+    /// The range after `stream`, already requested (sequential reading: two GETs in flight).
+    ahead: Option<Stream>,
+    window: u64,
+    /// Bytes received, in order, from `buf_start` (recent ones kept so that reads the kernel
+    /// sends slightly out of order, as its async read-ahead does, are served without a seek).
+    buf: std::collections::VecDeque<Bytes>,
+    buf_start: u64,
+    buf_len: u64,
+}
+
+#[derive(Debug)]
+struct Stream {
+    rx: mpsc::Receiver<Result<Bytes, StoreError>>,
+    task: tokio::task::JoinHandle<()>,
+    /// Start of the range requested.
+    start: u64,
+    /// End of the range requested.
+    end: u64,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Debug)]
+struct Staging {
+    ino: u64,
+    file: std::fs::File,
+    path: tempfile::TempPath,
+    size: u64,
+    dirty: bool,
+    /// An upload of this handle failed (its `close` or `fsync` reported it): the last release
+    /// does not try again, so what the program was told stays true.
+    failed: bool,
+    charged: u64,
+}
+
+/// The file system.
+#[derive(Debug)]
+pub struct Fs {
+    store: Arc<dyn ObjectStore>,
+    cfg: FsConfig,
+    state: Mutex<State>,
+    handles: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<Handle>>>>,
+    dir_handles: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<DirHandle>>>>,
+    next_fh: AtomicU64,
+    staged: AtomicU64,
+    warned: Mutex<HashSet<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn local(op: &'static str) -> impl FnOnce(std::io::Error) -> FsError {
+    move |source| FsError::Local { op, source }
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+fn dir_prefix(path: &str) -> String {
+    if path.is_empty() {
+        String::new()
+    } else {
+        format!("{path}/")
+    }
+}
+
+fn is_not_found(e: &FsError) -> bool {
+    matches!(
+        e,
+        FsError::NotFound | FsError::Store(StoreError::NoSuchKey { .. })
+    )
+}
+
+impl Fs {
+    /// A file system over `store` (keys relative to the store's prefix).
+    pub fn new(store: Arc<dyn ObjectStore>, cfg: FsConfig) -> Self {
+        let mut st = State {
+            next_ino: ROOT + 1,
+            ..Default::default()
+        };
+        st.nodes.insert(
+            ROOT,
+            Node {
+                parent: ROOT,
+                name: String::new(),
+                attr: Attr::implied_dir(),
+                fetched: None,
+                lookups: 1,
+                etag: None,
+                writers: 0,
+                unlinked: false,
+                read_etag: None,
+            },
+        );
+        Self {
+            store,
+            cfg,
+            state: Mutex::new(st),
+            handles: Mutex::new(HashMap::new()),
+            dir_handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            staged: AtomicU64::new(0),
+            warned: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &FsConfig {
+        &self.cfg
+    }
+
+    /// Mode, owner and group as shown, after `uid=`, `gid=` and `umask=`.
+    pub fn shown(&self, a: &Attr) -> (u32, u32, u32) {
+        let perm = a.perm & !self.cfg.umask & 0o7777;
+        let uid = self.cfg.force_uid.or(a.uid).unwrap_or(self.cfg.default_uid);
+        let gid = self.cfg.force_gid.or(a.gid).unwrap_or(self.cfg.default_gid);
+        (perm, uid, gid)
+    }
+
+    /// Runs one store request under the `timeout=` limit.
+    async fn t<T>(
+        &self,
+        op: &'static str,
+        f: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> FsResult<T> {
+        match tokio::time::timeout(self.cfg.timeout, f).await {
+            Ok(r) => r.map_err(FsError::from),
+            Err(_) => Err(FsError::TimedOut { op }),
+        }
+    }
+
+    fn warn_hidden(&self, key: &str, problem: &infra_store::KeyProblem) {
+        if lock(&self.warned).insert(key.to_string()) {
+            tracing::warn!(
+                key = %infra_store::keys::display_key(key),
+                "object key cannot be a file name ({problem}); it is hidden from the mount \
+                 (rename or delete it in the bucket)"
+            );
+        }
+    }
+
+    fn path(&self, ino: u64) -> FsResult<String> {
+        lock(&self.state).path(ino).ok_or(FsError::BadHandle)
+    }
+
+    fn check_writable(&self) -> FsResult<()> {
+        if self.cfg.read_only {
+            Err(FsError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn child_path(&self, parent: u64, name: &str) -> FsResult<String> {
+        check_component(name).map_err(FsError::Name)?;
+        let st = lock(&self.state);
+        let p = st.nodes.get(&parent).ok_or(FsError::BadHandle)?;
+        if p.attr.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        let dir = st.path(parent).ok_or(FsError::BadHandle)?;
+        Ok(join(&dir, name))
+    }
+
+    fn invalidate_dir(&self, ino: u64) {
+        lock(&self.state).dirs.remove(&ino);
+    }
+
+    /// What the bucket says `path` is: a directory (`path/` object or prefix), a file or a
+    /// symbolic link; [`FsError::NotFound`] when neither.
+    async fn resolve(&self, path: &str) -> FsResult<(Attr, Option<String>)> {
+        if path.is_empty() {
+            return Ok((Attr::implied_dir(), None));
+        }
+        let prefix = format!("{path}/");
+        let (head, list) = tokio::join!(
+            self.t("HeadObject", self.store.head(path, None)),
+            self.t(
+                "ListObjectsV2",
+                self.store.list_page(&prefix, "/", None, Some(1))
+            )
+        );
+        let page = list?;
+        if !page.objects.is_empty() || !page.prefixes.is_empty() {
+            if head.is_ok() {
+                self.warn_hidden(path, &infra_store::KeyProblem::Reserved);
+            }
+            if page.objects.first().map(|o| o.key.as_str()) == Some(prefix.as_str()) {
+                match self.t("HeadObject", self.store.head(&prefix, None)).await {
+                    Ok(info) => return Ok((Attr::from_object(&info, true), info.etag)),
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            return Ok((Attr::implied_dir(), None));
+        }
+        match head {
+            Ok(info) => Ok((Attr::from_object(&info, false), info.etag)),
+            Err(e) if is_not_found(&e) => Err(FsError::NotFound),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The node for (parent, name) with these attributes: the same inode while the kind
+    /// stays, a new one when it changed.
+    fn upsert(&self, parent: u64, name: &str, attr: Attr, etag: Option<String>) -> u64 {
+        let mut st = lock(&self.state);
+        let key = (parent, name.to_string());
+        if let Some(&ino) = st.names.get(&key) {
+            if let Some(n) = st.nodes.get_mut(&ino) {
+                if n.attr.kind == attr.kind {
+                    if n.writers == 0 {
+                        n.attr = attr;
+                        n.etag = etag;
+                    }
+                    n.fetched = Some(Instant::now());
+                    return ino;
+                }
+            }
+        }
+        let ino = st.next_ino;
+        st.next_ino += 1;
+        st.nodes.insert(
+            ino,
+            Node {
+                parent,
+                name: name.to_string(),
+                attr,
+                fetched: Some(Instant::now()),
+                lookups: 0,
+                etag,
+                writers: 0,
+                unlinked: false,
+                read_etag: None,
+            },
+        );
+        st.names.insert(key, ino);
+        ino
+    }
+
+    /// Raises the kernel's lookup count of a node (after an entry was handed to it).
+    pub fn remember(&self, ino: u64) {
+        if let Some(n) = lock(&self.state).nodes.get_mut(&ino) {
+            n.lookups += 1;
+        }
+    }
+
+    /// The kernel dropped `n` references.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT {
+            return;
+        }
+        let mut st = lock(&self.state);
+        let drop_it = match st.nodes.get_mut(&ino) {
+            Some(node) => {
+                node.lookups = node.lookups.saturating_sub(n);
+                node.lookups == 0 && node.writers == 0
+            }
+            None => false,
+        };
+        if drop_it {
+            if let Some(node) = st.nodes.remove(&ino) {
+                let key = (node.parent, node.name);
+                if st.names.get(&key) == Some(&ino) {
+                    st.names.remove(&key);
+                }
+            }
+            st.dirs.remove(&ino);
+        }
+    }
+
+    fn fresh(&self, fetched: Option<Instant>) -> bool {
+        fetched.is_some_and(|t| t.elapsed() < self.cfg.ttl)
+    }
+
+    /// Looks `name` up in `parent`; raises its lookup count.
+    pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<(u64, Attr)> {
+        let path = self.child_path(parent, name)?;
+        {
+            let st = lock(&self.state);
+            if let Some(&ino) = st.names.get(&(parent, name.to_string())) {
+                let n = &st.nodes[&ino];
+                if n.writers > 0 || self.fresh(n.fetched) {
+                    let a = n.attr;
+                    drop(st);
+                    self.remember(ino);
+                    return Ok((ino, a));
+                }
+            }
+            // A fresh listing of the parent without the name answers without a request.
+            if let Some((t, entries)) = st.dirs.get(&parent) {
+                if t.elapsed() < self.cfg.ttl && !entries.iter().any(|e| e.name == name) {
+                    return Err(FsError::NotFound);
+                }
+            }
+        }
+        let (attr, etag) = self.resolve(&path).await?;
+        let ino = self.upsert(parent, name, attr, etag);
+        self.remember(ino);
+        Ok((ino, attr))
+    }
+
+    /// Attributes of a node (from the cache while fresh or while it is being written).
+    pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let (path, parent, name) = {
+            let st = lock(&self.state);
+            let n = st.nodes.get(&ino).ok_or(FsError::BadHandle)?;
+            if ino == ROOT || n.writers > 0 || n.unlinked || self.fresh(n.fetched) {
+                return Ok(n.attr);
+            }
+            (
+                st.path(ino).ok_or(FsError::BadHandle)?,
+                n.parent,
+                n.name.clone(),
+            )
+        };
+        let (attr, etag) = self.resolve(&path).await?;
+        let got = self.upsert(parent, &name, attr, etag);
+        if got != ino {
+            // It is something else now (a file became a directory): this inode is stale.
+            return Err(FsError::NotFound);
+        }
+        Ok(attr)
+    }
+
+    /// The full listing of a directory (cached for the TTL).
+    async fn list_dir(&self, ino: u64) -> FsResult<Arc<Vec<Entry>>> {
+        let path = {
+            let st = lock(&self.state);
+            if let Some((t, e)) = st.dirs.get(&ino) {
+                if t.elapsed() < self.cfg.ttl {
+                    return Ok(e.clone());
+                }
+            }
+            let n = st.nodes.get(&ino).ok_or(FsError::BadHandle)?;
+            if n.attr.kind != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            st.path(ino).ok_or(FsError::BadHandle)?
+        };
+        let prefix = dir_prefix(&path);
+        let mut dirs: Vec<Entry> = Vec::new();
+        let mut files: Vec<Entry> = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .t(
+                    "ListObjectsV2",
+                    self.store
+                        .list_page(&prefix, "/", token.as_deref(), Some(PAGE)),
+                )
+                .await?;
+            for p in page.prefixes {
+                let Some(rest) = p.strip_prefix(&prefix) else {
+                    continue;
+                };
+                let name = rest.strip_suffix('/').unwrap_or(rest);
+                match check_component(name) {
+                    Ok(()) => dirs.push(Entry {
+                        name: name.to_string(),
+                        kind: Kind::Dir,
+                        info: None,
+                    }),
+                    Err(problem) => self.warn_hidden(&p, &problem),
+                }
+            }
+            for o in page.objects {
+                let Some(rest) = o.key.strip_prefix(&prefix) else {
+                    continue;
+                };
+                if rest.is_empty() {
+                    continue; // the directory's own `dir/` object
+                }
+                match check_component(rest) {
+                    Ok(()) => files.push(Entry {
+                        name: rest.to_string(),
+                        kind: Kind::File,
+                        info: Some(o.clone()),
+                    }),
+                    Err(problem) => self.warn_hidden(&o.key, &problem),
+                }
+            }
+            match page.next {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        let dir_names: HashSet<String> = dirs.iter().map(|d| d.name.clone()).collect();
+        let mut entries = dirs;
+        for f in files {
+            if dir_names.contains(&f.name) {
+                // Both `x` and `x/...`: the directory wins, the object is hidden.
+                self.warn_hidden(&join(&path, &f.name), &infra_store::KeyProblem::Reserved);
+            } else {
+                entries.push(f);
+            }
+        }
+        // Files created here and not uploaded yet are shown too.
+        {
+            let st = lock(&self.state);
+            let known: HashSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+            let mut extra = Vec::new();
+            for n in st.nodes.values() {
+                if n.parent == ino
+                    && n.writers > 0
+                    && !n.unlinked
+                    && !known.contains(n.name.as_str())
+                {
+                    extra.push(Entry {
+                        name: n.name.clone(),
+                        kind: n.attr.kind,
+                        info: None,
+                    });
+                }
+            }
+            entries.extend(extra);
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        let entries = Arc::new(entries);
+        lock(&self.state)
+            .dirs
+            .insert(ino, (Instant::now(), entries.clone()));
+        Ok(entries)
+    }
+
+    /// Opens a directory: lists it once for this handle.
+    pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let entries = self.list_dir(ino).await?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let n = entries.len();
+        lock(&self.dir_handles).insert(
+            fh,
+            Arc::new(tokio::sync::Mutex::new(DirHandle {
+                ino,
+                entries,
+                attrs: vec![None; n],
+            })),
+        );
+        Ok(fh)
+    }
+
+    /// The entries of an open directory.
+    pub fn dir_entries(&self, fh: u64) -> FsResult<(u64, Arc<Vec<Entry>>)> {
+        let h = lock(&self.dir_handles)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        let h = h.try_lock().map_err(|_| FsError::BadHandle)?;
+        Ok((h.ino, h.entries.clone()))
+    }
+
+    /// Entries `from..` of an open directory with their attributes (HEAD requests in
+    /// parallel, ahead of the kernel's calls); nodes are created but not counted.
+    pub async fn readdirplus(&self, fh: u64, from: usize) -> FsResult<Vec<PlusEntry>> {
+        let h = lock(&self.dir_handles)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        let mut h = h.lock().await;
+        let dir = h.ino;
+        let path = self.path(dir)?;
+        let end = (from + PLUS_AHEAD).min(h.entries.len());
+        let missing: Vec<usize> = (from..end).filter(|&i| h.attrs[i].is_none()).collect();
+        let entries = h.entries.clone();
+        let results: Vec<(usize, FsResult<Resolved>)> =
+            futures::stream::iter(missing.into_iter().map(|i| {
+                let e = &entries[i];
+                let key = join(&path, &e.name);
+                async move { (i, self.entry_attr(dir, e, &key).await) }
+            }))
+            .buffer_unordered(HEAD_CONCURRENCY)
+            .collect()
+            .await;
+        for (i, r) in results {
+            match r {
+                Ok(a) => h.attrs[i] = Some(a),
+                // Gone since the listing: shown with the listing's attributes.
+                Err(e) if is_not_found(&e) => {
+                    let e = &entries[i];
+                    let a = match &e.info {
+                        Some(info) => Attr::from_listing(info),
+                        None => Attr::implied_dir(),
+                    };
+                    h.attrs[i] = Some((a, None));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut out = Vec::new();
+        for i in from..end {
+            let Some((attr, etag)) = h.attrs[i].clone() else {
+                continue;
+            };
+            let name = &entries[i].name;
+            let ino = self.upsert(dir, name, attr, etag);
+            let attr = lock(&self.state)
+                .nodes
+                .get(&ino)
+                .map(|n| n.attr)
+                .unwrap_or(attr);
+            out.push(PlusEntry {
+                name: name.clone(),
+                ino,
+                attr,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn entry_attr(&self, dir: u64, e: &Entry, key: &str) -> FsResult<(Attr, Option<String>)> {
+        {
+            let st = lock(&self.state);
+            if let Some(&ino) = st.names.get(&(dir, e.name.clone())) {
+                let n = &st.nodes[&ino];
+                if n.writers > 0 || self.fresh(n.fetched) {
+                    return Ok((n.attr, n.etag.clone()));
+                }
+            }
+        }
+        match e.kind {
+            Kind::Dir => match self
+                .t("HeadObject", self.store.head(&format!("{key}/"), None))
+                .await
+            {
+                Ok(info) => Ok((Attr::from_object(&info, true), info.etag)),
+                Err(err) if is_not_found(&err) => Ok((Attr::implied_dir(), None)),
+                Err(err) => Err(err),
+            },
+            Kind::File | Kind::Symlink => match &e.info {
+                None => Err(FsError::NotFound),
+                Some(_) => {
+                    let info = self.t("HeadObject", self.store.head(key, None)).await?;
+                    Ok((Attr::from_object(&info, false), info.etag))
+                }
+            },
+        }
+    }
+
+    /// Closes a directory handle.
+    pub fn releasedir(&self, fh: u64) {
+        lock(&self.dir_handles).remove(&fh);
+    }
+
+    /// Target of a symbolic link.
+    pub async fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let path = self.path(ino)?;
+        let resp = self
+            .t(
+                "GetObject",
+                self.store.get(
+                    &path,
+                    &GetOptions {
+                        range: Some(0..MAX_LINK),
+                        ..Default::default()
+                    },
+                ),
+            )
+            .await?;
+        let mut out = Vec::new();
+        let mut body = resp.body;
+        while let Some(c) = self.next_chunk(&mut body).await? {
+            out.extend_from_slice(&c);
+        }
+        Ok(out)
+    }
+
+    async fn next_chunk(&self, body: &mut infra_store::ByteChunks) -> FsResult<Option<Bytes>> {
+        match tokio::time::timeout(self.cfg.timeout, body.next()).await {
+            Ok(Some(Ok(b))) => Ok(Some(b)),
+            Ok(Some(Err(e))) => Err(e.into()),
+            Ok(None) => Ok(None),
+            Err(_) => Err(FsError::TimedOut { op: "GetObject" }),
+        }
+    }
+
+    /// Fails with [`FsError::Exists`] when the name is taken (in the bucket or locally).
+    async fn ensure_absent(&self, parent: u64, name: &str, path: &str) -> FsResult<()> {
+        {
+            let st = lock(&self.state);
+            if let Some(&ino) = st.names.get(&(parent, name.to_string())) {
+                if st.nodes[&ino].writers > 0 && !st.nodes[&ino].unlinked {
+                    return Err(FsError::Exists);
+                }
+            }
+        }
+        match self.resolve(path).await {
+            Ok(_) => Err(FsError::Exists),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn now_attr(&self, kind: Kind, perm: u32, uid: u32, gid: u32) -> Attr {
+        Attr {
+            kind,
+            size: 0,
+            perm: perm & 0o7777,
+            uid: Some(uid),
+            gid: Some(gid),
+            mtime: SystemTime::now(),
+        }
+    }
+
+    fn metadata(&self, a: &Attr) -> infra_store::Metadata {
+        a.to_metadata(
+            self.cfg.default_uid,
+            self.cfg.default_gid,
+            SystemTime::now(),
+        )
+    }
+
+    /// Creates a directory: a `name/` object with the s3fs metadata.
+    pub async fn mkdir(
+        &self,
+        parent: u64,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<(u64, Attr)> {
+        self.check_writable()?;
+        let path = self.child_path(parent, name)?;
+        self.ensure_absent(parent, name, &path).await?;
+        let attr = self.now_attr(Kind::Dir, mode, uid, gid);
+        self.t(
+            "PutObject",
+            self.store.put(
+                &format!("{path}/"),
+                Body::Bytes(Bytes::new()),
+                &self.metadata(&attr),
+            ),
+        )
+        .await?;
+        self.invalidate_dir(parent);
+        let ino = self.upsert(parent, name, attr, None);
+        self.remember(ino);
+        Ok((ino, attr))
+    }
+
+    /// Creates a symbolic link: an object holding the target, mode `S_IFLNK|0777`.
+    pub async fn symlink(
+        &self,
+        parent: u64,
+        name: &str,
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<(u64, Attr)> {
+        self.check_writable()?;
+        let path = self.child_path(parent, name)?;
+        self.ensure_absent(parent, name, &path).await?;
+        let mut attr = self.now_attr(Kind::Symlink, 0o777, uid, gid);
+        attr.size = target.len() as u64;
+        let put = self
+            .t(
+                "PutObject",
+                self.store.put(
+                    &path,
+                    Body::Bytes(Bytes::copy_from_slice(target)),
+                    &self.metadata(&attr),
+                ),
+            )
+            .await?;
+        self.invalidate_dir(parent);
+        let ino = self.upsert(parent, name, attr, put.etag);
+        self.remember(ino);
+        Ok((ino, attr))
+    }
+
+    /// Removes a file or symbolic link.
+    pub async fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
+        self.check_writable()?;
+        let path = self.child_path(parent, name)?;
+        let local = {
+            let st = lock(&self.state);
+            st.names.get(&(parent, name.to_string())).and_then(|ino| {
+                st.nodes
+                    .get(ino)
+                    .map(|n| (*ino, n.writers > 0, n.attr.kind))
+            })
+        };
+        let kind = match local {
+            Some((_, true, kind)) => kind,
+            _ => self.resolve(&path).await?.0.kind,
+        };
+        if kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        match self.t("DeleteObject", self.store.delete(&path)).await {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e),
+        }
+        self.detach(parent, name);
+        self.invalidate_dir(parent);
+        Ok(())
+    }
+
+    /// Forgets the name (the node lives on for open handles, which will not upload it).
+    fn detach(&self, parent: u64, name: &str) {
+        let mut st = lock(&self.state);
+        if let Some(ino) = st.names.remove(&(parent, name.to_string())) {
+            if let Some(n) = st.nodes.get_mut(&ino) {
+                n.unlinked = true;
+            }
+        }
+    }
+
+    /// Removes an empty directory (its `dir/` object).
+    pub async fn rmdir(&self, parent: u64, name: &str) -> FsResult<()> {
+        self.check_writable()?;
+        let path = self.child_path(parent, name)?;
+        let (attr, _) = self.resolve(&path).await?;
+        if attr.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        let prefix = format!("{path}/");
+        let page = self
+            .t(
+                "ListObjectsV2",
+                self.store.list_page(&prefix, "/", None, Some(2)),
+            )
+            .await?;
+        if !page.prefixes.is_empty() || page.objects.iter().any(|o| o.key != prefix) {
+            return Err(FsError::NotEmpty);
+        }
+        // Local files not uploaded yet count too.
+        {
+            let st = lock(&self.state);
+            if let Some(&ino) = st.names.get(&(parent, name.to_string())) {
+                if st
+                    .nodes
+                    .values()
+                    .any(|n| n.parent == ino && n.writers > 0 && !n.unlinked)
+                {
+                    return Err(FsError::NotEmpty);
+                }
+            }
+        }
+        match self.t("DeleteObject", self.store.delete(&prefix)).await {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e),
+        }
+        self.detach(parent, name);
+        self.invalidate_dir(parent);
+        Ok(())
+    }
+
+    /// Renames a file, symbolic link or directory: copy, then delete (see the semantics doc
+    /// for what is atomic).
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+        noreplace: bool,
+    ) -> FsResult<()> {
+        self.check_writable()?;
+        let from = self.child_path(parent, name)?;
+        let to = self.child_path(newparent, newname)?;
+        if from == to {
+            return Ok(());
+        }
+        if to.starts_with(&format!("{from}/")) {
+            return Err(FsError::Invalid);
+        }
+        // Data written through open handles goes first, so the copy has it.
+        let src_ino = lock(&self.state)
+            .names
+            .get(&(parent, name.to_string()))
+            .copied();
+        if let Some(ino) = src_ino {
+            self.flush_ino(ino).await?;
+        }
+        let (src, _) = self.resolve(&from).await?;
+        let dst = match self.resolve(&to).await {
+            Ok((a, _)) => Some(a),
+            Err(e) if is_not_found(&e) => None,
+            Err(e) => return Err(e),
+        };
+        if noreplace && dst.is_some() {
+            return Err(FsError::Exists);
+        }
+        match (src.kind, dst.map(|d| d.kind)) {
+            (Kind::Dir, Some(Kind::File | Kind::Symlink)) => return Err(FsError::NotDir),
+            (Kind::File | Kind::Symlink, Some(Kind::Dir)) => return Err(FsError::IsDir),
+            (Kind::Dir, Some(Kind::Dir)) => {
+                let p = format!("{to}/");
+                let page = self
+                    .t(
+                        "ListObjectsV2",
+                        self.store.list_page(&p, "/", None, Some(2)),
+                    )
+                    .await?;
+                if !page.prefixes.is_empty() || page.objects.iter().any(|o| o.key != p) {
+                    return Err(FsError::NotEmpty);
+                }
+            }
+            _ => {}
+        }
+        if src.kind == Kind::Dir {
+            let prefix = format!("{from}/");
+            let all = self.t("ListObjectsV2", self.store.list(&prefix)).await?;
+            let objects: Vec<String> = all.into_iter().map(|o| o.key).collect();
+            let copies = futures::stream::iter(objects.iter().map(|k| {
+                let dest = format!("{to}/{}", &k[prefix.len()..]);
+                async move { self.t("CopyObject", self.store.copy(k, &dest, None)).await }
+            }))
+            .buffer_unordered(self.cfg.concurrency.max(1))
+            .collect::<Vec<_>>()
+            .await;
+            for c in copies {
+                c?;
+            }
+            for k in &objects {
+                match self.t("DeleteObject", self.store.delete(k)).await {
+                    Ok(()) => {}
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        } else {
+            self.t("CopyObject", self.store.copy(&from, &to, None))
+                .await?;
+            match self.t("DeleteObject", self.store.delete(&from)).await {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        {
+            let mut st = lock(&self.state);
+            if let Some(old) = st.names.remove(&(newparent, newname.to_string())) {
+                if let Some(n) = st.nodes.get_mut(&old) {
+                    n.unlinked = true;
+                }
+            }
+            if let Some(ino) = st.names.remove(&(parent, name.to_string())) {
+                if let Some(n) = st.nodes.get_mut(&ino) {
+                    n.parent = newparent;
+                    n.name = newname.to_string();
+                    n.fetched = None;
+                }
+                st.names.insert((newparent, newname.to_string()), ino);
+            }
+            st.dirs.remove(&parent);
+            st.dirs.remove(&newparent);
+        }
+        Ok(())
+    }
+
+    /// Changes attributes: the size through a staging file, the rest in metadata (a copy of
+    /// the object onto itself, or the `dir/` object).
+    pub async fn setattr(&self, ino: u64, ch: SetAttr, fh: Option<u64>) -> FsResult<Attr> {
+        self.check_writable()?;
+        if ino == ROOT {
+            return self.getattr(ino).await;
+        }
+        let cur = self.getattr(ino).await?;
+        let mut new = cur;
+        if let Some(m) = ch.mode {
+            new.perm = m & 0o7777;
+        }
+        if let Some(u) = ch.uid {
+            new.uid = Some(u);
+        }
+        if let Some(g) = ch.gid {
+            new.gid = Some(g);
+        }
+        if let Some(t) = ch.mtime {
+            new.mtime = t;
+        }
+        if let Some(size) = ch.size {
+            if cur.kind != Kind::File {
+                return Err(if cur.kind == Kind::Dir {
+                    FsError::IsDir
+                } else {
+                    FsError::Invalid
+                });
+            }
+            if ch.mtime.is_none() {
+                new.mtime = SystemTime::now();
+            }
+            new.size = size;
+            // Through an open write handle: the upload happens at close or fsync.
+            if let Some(h) = self.write_handle(ino, fh) {
+                let mut h = h.lock().await;
+                if let Handle::Write(s) = &mut *h {
+                    self.resize_staging(s, size)?;
+                    s.dirty = true;
+                }
+                self.set_local_attr(ino, new);
+                return Ok(new);
+            }
+            let mut s = self.new_staging(ino)?;
+            let r = if size > 0 {
+                self.fill_staging(&mut s).await
+            } else {
+                Ok(())
+            };
+            let r = match r.and_then(|()| self.resize_staging(&mut s, size)) {
+                Ok(()) => {
+                    self.set_local_attr(ino, new);
+                    self.upload(&mut s).await
+                }
+                Err(e) => Err(e),
+            };
+            self.uncharge(&s);
+            r?;
+            return Ok(new);
+        }
+        self.set_local_attr(ino, new);
+        if self.has_writers(ino) {
+            // Uploaded with the data at close or fsync.
+            self.mark_dirty(ino).await;
+            return Ok(new);
+        }
+        let path = self.path(ino)?;
+        let key = if cur.kind == Kind::Dir {
+            format!("{path}/")
+        } else {
+            path
+        };
+        let mut meta = match self.t("HeadObject", self.store.head(&key, None)).await {
+            Ok(info) => info.metadata,
+            Err(e) if is_not_found(&e) && cur.kind == Kind::Dir => infra_store::Metadata::new(),
+            Err(e) => return Err(e),
+        };
+        meta.extend(self.metadata(&new));
+        if cur.kind == Kind::Dir && self.store.head(&key, None).await.is_err() {
+            self.t(
+                "PutObject",
+                self.store.put(&key, Body::Bytes(Bytes::new()), &meta),
+            )
+            .await?;
+        } else {
+            self.t("CopyObject", self.store.copy(&key, &key, Some(&meta)))
+                .await?;
+        }
+        if let Some(n) = lock(&self.state).nodes.get_mut(&ino) {
+            n.fetched = Some(Instant::now());
+        }
+        Ok(new)
+    }
+
+    fn set_local_attr(&self, ino: u64, a: Attr) {
+        if let Some(n) = lock(&self.state).nodes.get_mut(&ino) {
+            n.attr = a;
+        }
+    }
+
+    fn has_writers(&self, ino: u64) -> bool {
+        lock(&self.state)
+            .nodes
+            .get(&ino)
+            .is_some_and(|n| n.writers > 0)
+    }
+
+    fn write_handle(&self, ino: u64, fh: Option<u64>) -> Option<Arc<tokio::sync::Mutex<Handle>>> {
+        let handles = lock(&self.handles);
+        if let Some(h) = fh.and_then(|fh| handles.get(&fh)) {
+            if matches!(&*h.try_lock().ok()?, Handle::Write(s) if s.ino == ino) {
+                return Some(h.clone());
+            }
+        }
+        handles
+            .values()
+            .find(|h| matches!(h.try_lock().as_deref(), Ok(Handle::Write(s)) if s.ino == ino))
+            .cloned()
+    }
+
+    async fn mark_dirty(&self, ino: u64) {
+        let hs: Vec<_> = lock(&self.handles).values().cloned().collect();
+        for h in hs {
+            if let Handle::Write(s) = &mut *h.lock().await {
+                if s.ino == ino {
+                    s.dirty = true;
+                }
+            }
+        }
+    }
+
+    /// Uploads what open handles of `ino` wrote (before a rename copies it).
+    async fn flush_ino(&self, ino: u64) -> FsResult<()> {
+        if !self.has_writers(ino) {
+            return Ok(());
+        }
+        let hs: Vec<_> = lock(&self.handles).values().cloned().collect();
+        for h in hs {
+            if let Handle::Write(s) = &mut *h.lock().await {
+                if s.ino == ino && s.dirty {
+                    self.upload(s).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn new_staging(&self, ino: u64) -> FsResult<Staging> {
+        std::fs::create_dir_all(&self.cfg.cache_dir)
+            .map_err(local("create the cache directory"))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".infra-mount-")
+            .tempfile_in(&self.cfg.cache_dir)
+            .map_err(local("create a staging file"))?;
+        let (file, path) = tmp.into_parts();
+        Ok(Staging {
+            ino,
+            file,
+            path,
+            size: 0,
+            dirty: false,
+            failed: false,
+            charged: 0,
+        })
+    }
+
+    fn resize_staging(&self, s: &mut Staging, size: u64) -> FsResult<()> {
+        self.charge(s, size)?;
+        s.file
+            .set_len(size)
+            .map_err(local("truncate a staging file"))?;
+        s.size = size;
+        Ok(())
+    }
+
+    /// Counts the staging file's growth against `cache_size=`.
+    fn charge(&self, s: &mut Staging, size: u64) -> FsResult<()> {
+        if size > s.charged {
+            let delta = size - s.charged;
+            let before = self.staged.fetch_add(delta, Ordering::SeqCst);
+            if before + delta > self.cfg.cache_limit {
+                self.staged.fetch_sub(delta, Ordering::SeqCst);
+                return Err(FsError::CacheFull);
+            }
+            s.charged = size;
+        }
+        Ok(())
+    }
+
+    fn uncharge(&self, s: &Staging) {
+        self.staged.fetch_sub(s.charged, Ordering::SeqCst);
+    }
+
+    /// Copies the object into a staging file (open for writing without O_TRUNC).
+    async fn fill_staging(&self, s: &mut Staging) -> FsResult<()> {
+        let path = self.path(s.ino)?;
+        let resp = self
+            .t("GetObject", self.store.get(&path, &GetOptions::default()))
+            .await?;
+        self.charge(s, resp.info.size)?;
+        let mut body = resp.body;
+        let mut off = 0u64;
+        while let Some(c) = self.next_chunk(&mut body).await? {
+            s.file
+                .write_all_at(&c, off)
+                .map_err(local("write a staging file"))?;
+            off += c.len() as u64;
+        }
+        s.size = off;
+        Ok(())
+    }
+
+    /// Uploads a staging file as the node's object with the node's attributes: one PUT up to
+    /// the part size, multipart above it.
+    async fn upload(&self, s: &mut Staging) -> FsResult<()> {
+        let (key, attr, unlinked) = {
+            let st = lock(&self.state);
+            let n = st.nodes.get(&s.ino).ok_or(FsError::BadHandle)?;
+            (st.path(s.ino), n.attr, n.unlinked)
+        };
+        if unlinked {
+            s.dirty = false;
+            return Ok(());
+        }
+        let key = key.ok_or(FsError::BadHandle)?;
+        let attr = Attr {
+            size: s.size,
+            ..attr
+        };
+        let meta = self.metadata(&attr);
+        let path = s.path.to_path_buf();
+        let etag = if s.size <= self.cfg.part_size {
+            let body = Body::File {
+                path,
+                offset: 0,
+                len: s.size,
+            };
+            self.t("PutObject", self.store.put(&key, body, &meta))
+                .await?
+                .etag
+        } else {
+            self.multipart(&key, &path, s.size, &meta).await?
+        };
+        let parent = {
+            let mut st = lock(&self.state);
+            let n = st.nodes.get_mut(&s.ino).ok_or(FsError::BadHandle)?;
+            n.attr = attr;
+            n.etag = etag;
+            n.fetched = Some(Instant::now());
+            n.parent
+        };
+        self.invalidate_dir(parent);
+        s.dirty = false;
+        Ok(())
+    }
+
+    async fn multipart(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        size: u64,
+        meta: &infra_store::Metadata,
+    ) -> FsResult<Option<String>> {
+        let part = infra_store::choose_part_size(size, Some(self.cfg.part_size))
+            .unwrap_or_else(|_| infra_store::auto_part_size(size));
+        let id = self
+            .t(
+                "CreateMultipartUpload",
+                self.store.create_multipart(key, meta),
+            )
+            .await?;
+        let n = size.div_ceil(part);
+        let parts = futures::stream::iter((0..n).map(|i| {
+            let offset = i * part;
+            let len = part.min(size - offset);
+            let body = Body::File {
+                path: path.to_path_buf(),
+                offset,
+                len,
+            };
+            let id = id.clone();
+            async move {
+                self.t(
+                    "UploadPart",
+                    self.store.upload_part(key, &id, i as i32 + 1, body),
+                )
+                .await
+            }
+        }))
+        .buffered(self.cfg.concurrency.max(1))
+        .collect::<Vec<FsResult<PartInfo>>>()
+        .await;
+        let parts: FsResult<Vec<PartInfo>> = parts.into_iter().collect();
+        let done = match parts {
+            Ok(parts) => {
+                self.t(
+                    "CompleteMultipartUpload",
+                    self.store.complete_multipart(key, &id, &parts),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match done {
+            Ok(r) => Ok(r.etag),
+            Err(e) => {
+                // Nothing half-written stays: the object keeps its previous content.
+                if let Err(a) = self.store.abort_multipart(key, &id).await {
+                    tracing::warn!(%key, "aborting the failed multipart upload failed: {a}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, Arc::new(tokio::sync::Mutex::new(h)));
+        fh
+    }
+
+    fn handle(&self, fh: u64) -> FsResult<Arc<tokio::sync::Mutex<Handle>>> {
+        lock(&self.handles)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)
+    }
+
+    /// Opens a file. Returns the handle and whether the kernel may keep its page cache (the
+    /// object did not change since the last open).
+    pub async fn open(&self, ino: u64, write: bool, truncate: bool) -> FsResult<(u64, bool)> {
+        let attr = self.getattr(ino).await?;
+        match attr.kind {
+            Kind::Dir => return Err(FsError::IsDir),
+            Kind::Symlink => return Err(FsError::Invalid),
+            Kind::File => {}
+        }
+        if write {
+            self.check_writable()?;
+            let mut s = self.new_staging(ino)?;
+            if truncate {
+                s.dirty = true;
+                let mut a = attr;
+                a.size = 0;
+                a.mtime = SystemTime::now();
+                self.set_local_attr(ino, a);
+            } else if attr.size > 0 {
+                if let Err(e) = self.fill_staging(&mut s).await {
+                    self.uncharge(&s);
+                    return Err(e);
+                }
+            }
+            if let Some(n) = lock(&self.state).nodes.get_mut(&ino) {
+                n.writers += 1;
+            }
+            return Ok((self.add_handle(Handle::Write(s)), false));
+        }
+        let (etag, keep) = {
+            let mut st = lock(&self.state);
+            let n = st.nodes.get_mut(&ino).ok_or(FsError::BadHandle)?;
+            let keep = n.etag.is_some() && n.read_etag == n.etag;
+            n.read_etag = n.etag.clone();
+            (n.etag.clone(), keep)
+        };
+        let r = Reader {
+            ino,
+            etag,
+            size: attr.size,
+            stream: None,
+            ahead: None,
+            window: START_WINDOW,
+            buf: Default::default(),
+            buf_start: 0,
+            buf_len: 0,
+        };
+        Ok((self.add_handle(Handle::Read(r)), keep))
+    }
+
+    /// Creates and opens a new file (uploaded at close or fsync).
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<(u64, Attr, u64)> {
+        self.check_writable()?;
+        // Checks the name and that the parent is a directory.
+        self.child_path(parent, name)?;
+        let attr = self.now_attr(Kind::File, mode, uid, gid);
+        let ino = {
+            let mut st = lock(&self.state);
+            let key = (parent, name.to_string());
+            if let Some(old) = st.names.remove(&key) {
+                if let Some(n) = st.nodes.get_mut(&old) {
+                    n.unlinked = true;
+                }
+            }
+            let ino = st.next_ino;
+            st.next_ino += 1;
+            st.nodes.insert(
+                ino,
+                Node {
+                    parent,
+                    name: name.to_string(),
+                    attr,
+                    fetched: Some(Instant::now()),
+                    lookups: 1,
+                    etag: None,
+                    writers: 1,
+                    unlinked: false,
+                    read_etag: None,
+                },
+            );
+            st.names.insert(key, ino);
+            st.dirs.remove(&parent);
+            ino
+        };
+        let mut s = match self.new_staging(ino) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(n) = lock(&self.state).nodes.get_mut(&ino) {
+                    n.writers = 0;
+                }
+                return Err(e);
+            }
+        };
+        s.dirty = true;
+        let fh = self.add_handle(Handle::Write(s));
+        Ok((ino, attr, fh))
+    }
+
+    /// Reads from an open file.
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let h = self.handle(fh)?;
+        let mut h = h.lock().await;
+        match &mut *h {
+            Handle::Write(s) => {
+                let end = (offset + size as u64).min(s.size);
+                if offset >= end {
+                    return Ok(Vec::new());
+                }
+                let mut buf = vec![0u8; (end - offset) as usize];
+                s.file
+                    .read_exact_at(&mut buf, offset)
+                    .map_err(local("read a staging file"))?;
+                Ok(buf)
+            }
+            Handle::Read(r) => self.read_object(r, offset, size as u64).await,
+        }
+    }
+
+    /// Sequential reads continue one ranged GET whose body a task reads ahead into a bounded
+    /// channel; the next range starts where it ended, twice as long. A seek (a read outside
+    /// what was received, or too far ahead of it) starts a new, small range.
+    async fn read_object(&self, r: &mut Reader, offset: u64, size: u64) -> FsResult<Vec<u8>> {
+        if offset >= r.size {
+            return Ok(Vec::new());
+        }
+        let want_end = (offset + size).min(r.size);
+        let received = r.buf_start + r.buf_len;
+        if offset < r.buf_start || offset > received + SKIP_AHEAD {
+            r.stream = None;
+            r.ahead = None;
+            r.buf.clear();
+            r.buf_start = offset;
+            r.buf_len = 0;
+            r.window = FIRST_WINDOW;
+        }
+        while r.buf_start + r.buf_len < want_end {
+            let next = r.buf_start + r.buf_len;
+            if r.stream.as_ref().is_none_or(|s| s.end <= next) {
+                let sequential = r.stream.is_some() || next == 0;
+                r.stream = match r.ahead.take() {
+                    Some(a) if a.start == next => Some(a),
+                    _ => {
+                        if r.stream.is_some() {
+                            r.window = (r.window * 2).min(MAX_WINDOW);
+                        }
+                        Some(self.start_stream(r, next).await?)
+                    }
+                };
+                // Reading sequentially: the following range is requested now, so two GETs
+                // are in flight.
+                let end = r.stream.as_ref().map_or(r.size, |s| s.end);
+                if sequential && end < r.size {
+                    r.window = (r.window * 2).min(MAX_WINDOW);
+                    r.ahead = Some(self.start_stream(r, end).await?);
+                }
+            }
+            let s = r.stream.as_mut().ok_or(FsError::BadHandle)?;
+            match tokio::time::timeout(self.cfg.timeout, s.rx.recv()).await {
+                Ok(Some(Ok(b))) => {
+                    r.buf_len += b.len() as u64;
+                    r.buf.push_back(b);
+                }
+                Ok(Some(Err(e))) => {
+                    r.stream = None;
+                    r.ahead = None;
+                    return Err(e.into());
+                }
+                Ok(None) => {
+                    r.stream = None;
+                    return Err(FsError::Store(StoreError::Corrupt {
+                        target: self.store.url_of(&self.path(r.ino)?),
+                        reason: "the body ended before the requested range".into(),
+                    }));
+                }
+                Err(_) => {
+                    r.stream = None;
+                    return Err(FsError::TimedOut { op: "GetObject" });
+                }
+            }
+        }
+        // Drop what lies well behind the reader.
+        while let Some(front) = r.buf.front() {
+            let flen = front.len() as u64;
+            if r.buf_start + flen <= offset && r.buf_len - flen >= KEEP_BEHIND {
+                r.buf_start += flen;
+                r.buf_len -= flen;
+                r.buf.pop_front();
+            } else {
+                break;
+            }
+        }
+        let mut out = Vec::with_capacity((want_end - offset) as usize);
+        let mut pos = r.buf_start;
+        for c in &r.buf {
+            let cend = pos + c.len() as u64;
+            if cend > offset && pos < want_end {
+                let from = offset.saturating_sub(pos) as usize;
+                let to = (want_end.min(cend) - pos) as usize;
+                out.extend_from_slice(&c[from..to]);
+            }
+            if cend >= want_end {
+                break;
+            }
+            pos = cend;
+        }
+        Ok(out)
+    }
+
+    async fn start_stream(&self, r: &Reader, offset: u64) -> FsResult<Stream> {
+        let end = (offset + r.window).min(r.size);
+        let key = self.path(r.ino)?;
+        let opts = GetOptions {
+            range: Some(offset..end),
+            if_match: r.etag.clone(),
+            ..Default::default()
+        };
+        let resp = self.t("GetObject", self.store.get(&key, &opts)).await?;
+        let (tx, rx) = mpsc::channel(PREFETCH_CHUNKS);
+        let mut body = resp.body;
+        let task = tokio::spawn(async move {
+            while let Some(c) = body.next().await {
+                let stop = c.is_err();
+                if tx.send(c).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok(Stream {
+            rx,
+            task,
+            start: offset,
+            end,
+        })
+    }
+
+    /// Writes into an open file's staging file.
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let h = self.handle(fh)?;
+        let mut h = h.lock().await;
+        let Handle::Write(s) = &mut *h else {
+            return Err(FsError::BadHandle);
+        };
+        let end = offset + data.len() as u64;
+        self.charge(s, end)?;
+        s.file
+            .write_all_at(data, offset)
+            .map_err(local("write a staging file"))?;
+        s.size = s.size.max(end);
+        s.dirty = true;
+        let size = s.size;
+        if let Some(n) = lock(&self.state).nodes.get_mut(&s.ino) {
+            n.attr.size = size;
+            n.attr.mtime = SystemTime::now();
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// `close` (and `fsync`): uploads what was written; the error goes back to the caller.
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        let mut h = h.lock().await;
+        match &mut *h {
+            Handle::Write(s) if s.dirty => {
+                let r = self.upload(s).await;
+                s.failed |= r.is_err();
+                r
+            }
+            Handle::Write(_) | Handle::Read(_) => Ok(()),
+        }
+    }
+
+    /// Last close of a handle: uploads anything still unwritten, frees the staging file.
+    pub async fn release(&self, fh: u64) -> FsResult<()> {
+        let Some(h) = lock(&self.handles).remove(&fh) else {
+            return Err(FsError::BadHandle);
+        };
+        let mut h = h.lock().await;
+        let r = match &mut *h {
+            Handle::Write(s) => {
+                let r = if s.dirty {
+                    self.upload(s).await
+                } else {
+                    Ok(())
+                };
+                self.uncharge(s);
+                if let Some(n) = lock(&self.state).nodes.get_mut(&s.ino) {
+                    n.writers = n.writers.saturating_sub(1);
+                    if r.is_err() {
+                        n.fetched = None;
+                    }
+                }
+                r
+            }
+            Handle::Read(_) => Ok(()),
+        };
+        if let Err(e) = &r {
+            tracing::error!("data written to a file was not stored: {e}");
+        }
+        r
+    }
+
+    /// Bytes staged now (for tests and statistics).
+    pub fn staged_bytes(&self) -> u64 {
+        self.staged.load(Ordering::SeqCst)
+    }
+}

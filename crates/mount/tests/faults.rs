@@ -1,0 +1,187 @@
+//! Faults (docs/mount-semantics.md, "Errors and faults"): the server killed during a read and
+//! during a write, unmount with open files, a full staging directory; and untrusted keys.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::IntoRawFd;
+
+use bytes::Bytes;
+use common::*;
+use infra_store::{Body, Metadata};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_during_read_and_write() {
+    let (mut g, s) = garage("faults").await;
+    let old = pattern(3 << 20, 3);
+    s.put(
+        "keep.bin",
+        Body::Bytes(Bytes::from(old.clone())),
+        &Metadata::new(),
+    )
+    .await
+    .unwrap();
+    let big = pattern(40 << 20, 4);
+    s.put(
+        "big.bin",
+        Body::Bytes(Bytes::from(big.clone())),
+        &Metadata::new(),
+    )
+    .await
+    .unwrap();
+    let mut m = TestMount::start(s.clone(), "timeout=5,part_size=5");
+
+    // Read: the first MiB arrives, then the server dies: the reader gets EIO, it does not hang.
+    let mut f = fs::File::open(m.p("big.bin")).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, big[..1 << 20]);
+    // Writers open before the kill.
+    let mut w_new = fs::File::create(m.p("new.bin")).unwrap();
+    let mut w_keep = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.p("keep.bin"))
+        .unwrap();
+    g.kill();
+    let mut read_err = None;
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(e) => {
+                read_err = Some(e);
+                break;
+            }
+        }
+    }
+    let e = read_err.expect("reading 40 MiB with the server down must fail");
+    assert_eq!(errno(&e), nix::libc::EIO, "{e}");
+
+    // Write: data is staged locally; fsync and close report that it could not be stored.
+    w_new.write_all(&pattern(12 << 20, 5)).unwrap();
+    let e = w_new.sync_all().unwrap_err();
+    assert_eq!(errno(&e), nix::libc::EIO, "{e}");
+    w_keep
+        .write_all(b"new content that must not half-replace the old")
+        .unwrap();
+    let r = nix::unistd::close(w_keep.into_raw_fd());
+    assert_eq!(
+        r,
+        Err(nix::errno::Errno::EIO),
+        "close reports the failed upload"
+    );
+    drop(w_new);
+
+    g.restart().await;
+    // No corrupt object: the old content is intact, the new file was never half-written.
+    assert_eq!(object(&s, "keep.bin").await, old);
+    match s.head("new.bin", None).await {
+        Err(infra_store::Error::NoSuchKey { .. }) => {}
+        other => panic!("new.bin must not exist after a failed upload: {other:?}"),
+    }
+    let pending = s.list("").await.unwrap();
+    assert_eq!(pending.len(), 2, "{pending:?}");
+    // The mount works again once the server is back.
+    fs::write(m.p("after.bin"), b"ok").unwrap();
+    assert_eq!(object(&s, "after.bin").await, b"ok");
+    let mut again = Vec::new();
+    fs::File::open(m.p("big.bin"))
+        .unwrap()
+        .read_to_end(&mut again)
+        .unwrap();
+    assert!(again == big, "big.bin reads whole after the restart");
+    drop(f);
+    m.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmount_with_open_files_and_full_cache() {
+    let (_g, s) = garage("unmount").await;
+    let mut m = TestMount::start(s.clone(), "cache_size=1M");
+
+    // A full staging directory: the write that does not fit fails with ENOSPC.
+    let mut f = fs::File::create(m.p("too-big")).unwrap();
+    f.write_all(&vec![1u8; 512 << 10]).unwrap();
+    let e = f.write_all(&vec![2u8; 1 << 20]).unwrap_err();
+    assert_eq!(errno(&e), nix::libc::ENOSPC, "{e}");
+    drop(f);
+    // Space is given back when the file is released (the kernel sends that after close
+    // returns, so wait for it, boundedly).
+    let mut tries = 0;
+    while let Err(e) = fs::write(m.p("fits"), vec![3u8; 900 << 10]) {
+        assert_eq!(errno(&e), nix::libc::ENOSPC, "{e}");
+        tries += 1;
+        assert!(tries < 100, "staging space was not given back");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(object(&s, "fits").await.len(), 900 << 10);
+
+    // Unmount while a file is open for writing: refused (EBUSY), nothing lost; after the
+    // close the data is in the bucket and unmount succeeds.
+    let mut w = fs::File::create(m.p("open.txt")).unwrap();
+    w.write_all(b"written before umount").unwrap();
+    let e = infra_mount::unmount(&m.path, false).unwrap_err();
+    assert!(e.to_string().contains("files are open"), "{e}");
+    drop(w);
+    assert_eq!(object(&s, "open.txt").await, b"written before umount");
+    infra_mount::unmount(&m.path, false).unwrap();
+    m.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_keys_are_hidden_never_resolved_outside() {
+    let (_g, s) = garage("hostile").await;
+    let ok = Body::Bytes(Bytes::from_static(b"fine"));
+    s.put("dir/fine.txt", ok.clone(), &Metadata::new())
+        .await
+        .unwrap();
+    // Keys that cannot be file names. The server may refuse some; those it stores must be
+    // hidden.
+    let hostile = [
+        "dir//empty-component",
+        "dir/./dot",
+        "dir/../escape",
+        "../outside",
+        "dir/trailing/",
+    ];
+    let mut stored = 0;
+    for k in hostile {
+        if s.put(k, ok.clone(), &Metadata::new()).await.is_ok() {
+            stored += 1;
+        }
+    }
+    assert!(stored >= 3, "the server should store most of these keys");
+    let keys: Vec<String> = s
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert!(
+        keys.iter().any(|k| k.contains("//") || k.contains("/../")),
+        "hostile keys reached the bucket: {keys:?}"
+    );
+    let m = TestMount::start(s.clone(), "");
+    let mut seen: Vec<String> = sh(&format!("cd '{}' && find . | sort", m.path.display()))
+        .lines()
+        .map(str::to_string)
+        .collect();
+    seen.sort();
+    // `dir/trailing/` is a `dir/` object: an (empty) directory, which is a valid name.
+    assert_eq!(
+        seen,
+        [".", "./dir", "./dir/fine.txt", "./dir/trailing"],
+        "only valid names are shown"
+    );
+    // Nothing resolves to a name that is not a component.
+    for bad in ["dir/..", "dir/."] {
+        let p = m.p(bad);
+        // These are the kernel's own `.`/`..` and stay inside the mount.
+        let c = fs::canonicalize(&p).unwrap();
+        assert!(c.starts_with(&m.path), "{bad} -> {}", c.display());
+    }
+    assert_eq!(fs::read(m.p("dir/fine.txt")).unwrap(), b"fine");
+}
