@@ -215,6 +215,44 @@ struct Staging {
     /// does not try again, so what the program was told stays true.
     failed: bool,
     charged: u64,
+    /// Whether full parts may go up while the file is still being written: it started empty
+    /// and nothing was written into a range already handed to an upload.
+    may_stream: bool,
+    /// The multipart upload under way while the file is written.
+    early: Option<Early>,
+}
+
+/// A multipart upload started while a file that began empty is written sequentially: each
+/// full part goes up as soon as it is written, so `close`/`fsync` only sends the tail. Any
+/// write into a part already handed out abandons it (the whole file goes up at close).
+#[derive(Debug)]
+struct Early {
+    key: String,
+    /// The metadata sent with CreateMultipartUpload.
+    meta: infra_store::Metadata,
+    id: String,
+    part: u64,
+    /// Parts handed out: numbers `1..=started`, bytes `0..started * part`.
+    started: u64,
+    running: std::collections::VecDeque<tokio::task::JoinHandle<FsResult<PartInfo>>>,
+    done: Vec<PartInfo>,
+}
+
+/// S3's limit on the parts of one upload.
+const MAX_PARTS: u64 = 10_000;
+/// S3's limit on one CopyObject.
+const MAX_COPY: u64 = 5 << 30;
+
+/// `f` with the request limit of `timeout=`.
+async fn timed<T>(
+    timeout: Duration,
+    op: &'static str,
+    f: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> FsResult<T> {
+    match tokio::time::timeout(timeout, f).await {
+        Ok(r) => r.map_err(FsError::from),
+        Err(_) => Err(FsError::TimedOut { op }),
+    }
 }
 
 /// The file system.
@@ -313,10 +351,7 @@ impl Fs {
         op: &'static str,
         f: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> FsResult<T> {
-        match tokio::time::timeout(self.cfg.timeout, f).await {
-            Ok(r) => r.map_err(FsError::from),
-            Err(_) => Err(FsError::TimedOut { op }),
-        }
+        timed(self.cfg.timeout, op, f).await
     }
 
     fn warn_hidden(&self, key: &str, problem: &infra_store::KeyProblem) {
@@ -352,8 +387,50 @@ impl Fs {
         Ok(join(&dir, name))
     }
 
-    fn invalidate_dir(&self, ino: u64) {
-        lock(&self.state).dirs.remove(&ino);
+    /// Records our own change in the parent's cached listing, when it has one: `name` now
+    /// exists as `kind` (with the listing's `info`), or is gone (`None`). The listing keeps
+    /// its age, so it expires as before; until then, lookups of names a program is creating
+    /// in a directory it just listed or made are answered without a request.
+    fn dir_set(&self, parent: u64, name: &str, now: Option<(Kind, Option<ObjectInfo>)>) {
+        let mut st = lock(&self.state);
+        let Some((_, entries)) = st.dirs.get_mut(&parent) else {
+            return;
+        };
+        let entries = Arc::make_mut(entries);
+        let at = entries.binary_search_by(|e| e.name.as_str().cmp(name));
+        match (at, now) {
+            (Ok(i), Some((kind, info))) => {
+                entries[i] = Entry {
+                    name: name.to_string(),
+                    kind,
+                    info,
+                }
+            }
+            (Err(i), Some((kind, info))) => entries.insert(
+                i,
+                Entry {
+                    name: name.to_string(),
+                    kind,
+                    info,
+                },
+            ),
+            (Ok(i), None) => {
+                entries.remove(i);
+            }
+            (Err(_), None) => {}
+        }
+    }
+
+    /// What a listing would say of an object we just wrote.
+    fn listed(&self, key: &str, size: u64, etag: Option<String>) -> ObjectInfo {
+        ObjectInfo {
+            key: key.to_string(),
+            size,
+            last_modified: Some(chrono::Utc::now()),
+            etag,
+            version_id: None,
+            metadata: Default::default(),
+        }
     }
 
     /// What the bucket says `path` is: a directory (`path/` object or prefix), a file or a
@@ -477,17 +554,33 @@ impl Fs {
                     return Ok((ino, a));
                 }
             }
-            // A fresh listing of the parent without the name answers without a request.
-            if let Some((t, entries)) = st.dirs.get(&parent) {
-                if t.elapsed() < self.cfg.ttl && !entries.iter().any(|e| e.name == name) {
-                    return Err(FsError::NotFound);
-                }
-            }
         }
-        let (attr, etag) = self.resolve(&path).await?;
+        // A fresh listing of the parent answers without a request when the name is not in
+        // it, and says which one request tells its attributes when it is.
+        let (attr, etag) = match self.listed_entry(parent, name) {
+            Some(None) => return Err(FsError::NotFound),
+            Some(Some(e)) => self.entry_attr(parent, &e, &path).await?,
+            None => self.resolve(&path).await?,
+        };
         let ino = self.upsert(parent, name, attr, etag);
         self.remember(ino);
         Ok((ino, attr))
+    }
+
+    /// What the parent's fresh listing says of `name`: `Some(None)` when it is not there,
+    /// `None` when there is no fresh listing.
+    fn listed_entry(&self, parent: u64, name: &str) -> Option<Option<Entry>> {
+        let st = lock(&self.state);
+        let (t, entries) = st.dirs.get(&parent)?;
+        if t.elapsed() >= self.cfg.ttl {
+            return None;
+        }
+        Some(
+            entries
+                .binary_search_by(|e| e.name.as_str().cmp(name))
+                .ok()
+                .map(|i| entries[i].clone()),
+        )
     }
 
     /// Attributes of a node (from the cache while fresh or while it is being written).
@@ -667,9 +760,13 @@ impl Fs {
                 // Gone since the listing: shown with the listing's attributes.
                 Err(e) if is_not_found(&e) => {
                     let e = &entries[i];
-                    let a = match &e.info {
-                        Some(info) => Attr::from_listing(info),
-                        None => Attr::implied_dir(),
+                    let a = match (&e.info, e.kind) {
+                        (Some(info), _) => Attr::from_listing(info),
+                        (None, Kind::Dir) => Attr::implied_dir(),
+                        (None, kind) => Attr {
+                            kind,
+                            ..Attr::implied_dir()
+                        },
                     };
                     h.attrs[i] = Some((a, None));
                 }
@@ -716,13 +813,10 @@ impl Fs {
                 Err(err) if is_not_found(&err) => Ok((Attr::implied_dir(), None)),
                 Err(err) => Err(err),
             },
-            Kind::File | Kind::Symlink => match &e.info {
-                None => Err(FsError::NotFound),
-                Some(_) => {
-                    let info = self.t("HeadObject", self.store.head(key, None)).await?;
-                    Ok((Attr::from_object(&info, false), info.etag))
-                }
-            },
+            Kind::File | Kind::Symlink => {
+                let info = self.t("HeadObject", self.store.head(key, None)).await?;
+                Ok((Attr::from_object(&info, false), info.etag))
+            }
         }
     }
 
@@ -821,8 +915,13 @@ impl Fs {
             ),
         )
         .await?;
-        self.invalidate_dir(parent);
+        self.dir_set(parent, name, Some((Kind::Dir, None)));
         let ino = self.upsert(parent, name, attr, None);
+        // Nothing was under `path/` a moment ago (ensure_absent): the new directory's
+        // listing is known, so creating files in it needs no lookups.
+        lock(&self.state)
+            .dirs
+            .insert(ino, (Instant::now(), Arc::new(Vec::new())));
         self.remember(ino);
         Ok((ino, attr))
     }
@@ -851,7 +950,8 @@ impl Fs {
                 ),
             )
             .await?;
-        self.invalidate_dir(parent);
+        let info = self.listed(&path, attr.size, put.etag.clone());
+        self.dir_set(parent, name, Some((Kind::Symlink, Some(info))));
         let ino = self.upsert(parent, name, attr, put.etag);
         self.remember(ino);
         Ok((ino, attr))
@@ -882,7 +982,7 @@ impl Fs {
             Err(e) => return Err(e),
         }
         self.detach(parent, name);
-        self.invalidate_dir(parent);
+        self.dir_set(parent, name, None);
         Ok(())
     }
 
@@ -933,7 +1033,7 @@ impl Fs {
             Err(e) => return Err(e),
         }
         self.detach(parent, name);
-        self.invalidate_dir(parent);
+        self.dir_set(parent, name, None);
         Ok(())
     }
 
@@ -1078,6 +1178,9 @@ impl Fs {
             if let Some(h) = self.write_handle(ino, fh) {
                 let mut h = h.lock().await;
                 if let Handle::Write(s) = &mut *h {
+                    if s.early.as_ref().is_some_and(|e| size < e.started * e.part) {
+                        self.abandon(s);
+                    }
                     self.resize_staging(s, size)?;
                     s.dirty = true;
                 }
@@ -1204,6 +1307,8 @@ impl Fs {
             dirty: false,
             failed: false,
             charged: 0,
+            may_stream: false,
+            early: None,
         })
     }
 
@@ -1262,6 +1367,7 @@ impl Fs {
             (st.path(s.ino), n.attr, n.unlinked)
         };
         if unlinked {
+            self.abandon(s);
             s.dirty = false;
             return Ok(());
         }
@@ -1272,7 +1378,13 @@ impl Fs {
         };
         let meta = self.metadata(&attr);
         let path = s.path.to_path_buf();
-        let etag = if s.size <= self.cfg.part_size {
+        let early = match s.early.take() {
+            Some(e) => self.finish_early(e, s, &key, &meta).await?,
+            None => None,
+        };
+        let etag = if let Some(etag) = early {
+            etag
+        } else if s.size <= self.cfg.part_size {
             let body = Body::File {
                 path,
                 offset: 0,
@@ -1284,15 +1396,16 @@ impl Fs {
         } else {
             self.multipart(&key, &path, s.size, &meta).await?
         };
-        let parent = {
+        let (parent, name) = {
             let mut st = lock(&self.state);
             let n = st.nodes.get_mut(&s.ino).ok_or(FsError::BadHandle)?;
             n.attr = attr;
-            n.etag = etag;
+            n.etag = etag.clone();
             n.fetched = Some(Instant::now());
-            n.parent
+            (n.parent, n.name.clone())
         };
-        self.invalidate_dir(parent);
+        let info = self.listed(&key, attr.size, etag);
+        self.dir_set(parent, &name, Some((Kind::File, Some(info))));
         s.dirty = false;
         Ok(())
     }
@@ -1356,6 +1469,223 @@ impl Fs {
         }
     }
 
+    /// Hands full parts to uploads while a file that started empty is written (see
+    /// [`Early`]); `offset` is where the write that just happened began. Never fails the
+    /// write: when anything goes wrong, the whole file goes up at close as without it.
+    async fn stream_parts(&self, s: &mut Staging, offset: u64) {
+        if !s.may_stream || self.cfg.read_only {
+            return;
+        }
+        let part = self.cfg.part_size;
+        if s.early
+            .as_ref()
+            .is_some_and(|e| offset < e.started * e.part)
+        {
+            // A part already on its way changed.
+            self.abandon(s);
+            s.may_stream = false;
+            return;
+        }
+        loop {
+            let started = s.early.as_ref().map_or(0, |e| e.started);
+            if s.size < (started + 1) * part {
+                return;
+            }
+            if started + 1 >= MAX_PARTS {
+                self.abandon(s);
+                s.may_stream = false;
+                return;
+            }
+            if s.early.is_none() {
+                let Ok(key) = self.path(s.ino) else {
+                    s.may_stream = false;
+                    return;
+                };
+                let attr = lock(&self.state).nodes.get(&s.ino).map(|n| n.attr);
+                let Some(attr) = attr else {
+                    s.may_stream = false;
+                    return;
+                };
+                let meta = self.metadata(&attr);
+                match self
+                    .t(
+                        "CreateMultipartUpload",
+                        self.store.create_multipart(&key, &meta),
+                    )
+                    .await
+                {
+                    Ok(id) => {
+                        s.early = Some(Early {
+                            key,
+                            meta,
+                            id,
+                            part,
+                            started: 0,
+                            running: Default::default(),
+                            done: Vec::new(),
+                        })
+                    }
+                    Err(e) => {
+                        tracing::debug!("no early parts for this file ({e}); it goes up at close");
+                        s.may_stream = false;
+                        return;
+                    }
+                }
+            }
+            let Some(e) = s.early.as_mut() else { return };
+            // At most `concurrency` parts in flight: the writer waits for the oldest.
+            while e.running.len() >= self.cfg.concurrency.max(1) {
+                let Some(h) = e.running.pop_front() else {
+                    break;
+                };
+                match h.await {
+                    Ok(Ok(p)) => e.done.push(p),
+                    Ok(Err(err)) => {
+                        tracing::debug!("an early part failed ({err}); the file goes up at close");
+                        self.abandon(s);
+                        s.may_stream = false;
+                        return;
+                    }
+                    Err(_) => {
+                        self.abandon(s);
+                        s.may_stream = false;
+                        return;
+                    }
+                }
+            }
+            let number = e.started + 1;
+            let body = Body::File {
+                path: s.path.to_path_buf(),
+                offset: e.started * part,
+                len: part,
+            };
+            let (store, key, id, timeout) = (
+                self.store.clone(),
+                e.key.clone(),
+                e.id.clone(),
+                self.cfg.timeout,
+            );
+            e.running.push_back(tokio::spawn(async move {
+                timed(
+                    timeout,
+                    "UploadPart",
+                    store.upload_part(&key, &id, number as i32, body),
+                )
+                .await
+            }));
+            e.started = number;
+        }
+    }
+
+    /// Drops the early upload of `s`, if any: its running parts stop and the upload is
+    /// aborted in the background (the object keeps its previous content).
+    fn abandon(&self, s: &mut Staging) {
+        let Some(e) = s.early.take() else { return };
+        for h in &e.running {
+            h.abort();
+        }
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(err) = store.abort_multipart(&e.key, &e.id).await {
+                tracing::warn!(key = %e.key, "aborting an abandoned multipart upload failed: {err}");
+            }
+        });
+    }
+
+    /// Completes the early upload with the rest of the file. `Ok(None)` when it cannot be
+    /// used (the file was renamed, truncated below it, or a part failed): then it is
+    /// aborted and the caller uploads the whole file. The stored metadata is `meta`: when it
+    /// differs from what the upload began with (the mtime of the last write, a chmod), the
+    /// object is copied onto itself with it, server-side.
+    async fn finish_early(
+        &self,
+        mut e: Early,
+        s: &mut Staging,
+        key: &str,
+        meta: &infra_store::Metadata,
+    ) -> FsResult<Option<Option<String>>> {
+        let sent = e.started * e.part;
+        let parts_needed = e.started + (s.size - sent.min(s.size)).div_ceil(e.part);
+        // Over CopyObject's limit the metadata cannot be replaced afterwards: the upload is
+        // kept when only the times differ (they stay those of the first part), not when the
+        // mode or owner changed.
+        let times = [crate::meta::MTIME, crate::meta::ATIME, crate::meta::CTIME];
+        let same_but_times = || {
+            let strip = |m: &infra_store::Metadata| {
+                let mut m = m.clone();
+                m.retain(|k, _| !times.contains(&k.as_str()));
+                m
+            };
+            strip(meta) == strip(&e.meta)
+        };
+        let usable = e.key == key
+            && s.size >= sent
+            && parts_needed <= MAX_PARTS
+            && (s.size <= MAX_COPY || same_but_times());
+        if !usable {
+            s.early = Some(e);
+            self.abandon(s);
+            return Ok(None);
+        }
+        while let Some(h) = e.running.pop_front() {
+            match h.await {
+                Ok(Ok(p)) => e.done.push(p),
+                Ok(Err(_)) | Err(_) => {
+                    s.early = Some(e);
+                    self.abandon(s);
+                    return Ok(None);
+                }
+            }
+        }
+        let tail = futures::stream::iter((e.started..parts_needed).map(|i| {
+            let offset = i * e.part;
+            let body = Body::File {
+                path: s.path.to_path_buf(),
+                offset,
+                len: e.part.min(s.size - offset),
+            };
+            let id = e.id.clone();
+            async move {
+                self.t(
+                    "UploadPart",
+                    self.store.upload_part(key, &id, i as i32 + 1, body),
+                )
+                .await
+            }
+        }))
+        .buffered(self.cfg.concurrency.max(1))
+        .collect::<Vec<FsResult<PartInfo>>>()
+        .await;
+        let done = match tail.into_iter().collect::<FsResult<Vec<PartInfo>>>() {
+            Ok(more) => {
+                e.done.extend(more);
+                e.done.sort_by_key(|p| p.number);
+                self.t(
+                    "CompleteMultipartUpload",
+                    self.store.complete_multipart(key, &e.id, &e.done),
+                )
+                .await
+            }
+            Err(err) => Err(err),
+        };
+        let etag = match done {
+            Ok(r) => r.etag,
+            Err(err) => {
+                if let Err(a) = self.store.abort_multipart(key, &e.id).await {
+                    tracing::warn!(%key, "aborting the failed multipart upload failed: {a}");
+                }
+                return Err(err);
+            }
+        };
+        if meta == &e.meta || s.size > MAX_COPY {
+            return Ok(Some(etag));
+        }
+        let put = self
+            .t("CopyObject", self.store.copy(key, key, Some(meta)))
+            .await?;
+        Ok(Some(put.etag))
+    }
+
     fn add_handle(&self, h: Handle) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.handles).insert(fh, Arc::new(tokio::sync::Mutex::new(h)));
@@ -1383,6 +1713,7 @@ impl Fs {
             let mut s = self.new_staging(ino)?;
             if truncate {
                 s.dirty = true;
+                s.may_stream = true;
                 let mut a = attr;
                 a.size = 0;
                 a.mtime = SystemTime::now();
@@ -1457,9 +1788,9 @@ impl Fs {
                 },
             );
             st.names.insert(key, ino);
-            st.dirs.remove(&parent);
             ino
         };
+        self.dir_set(parent, name, Some((Kind::File, None)));
         let mut s = match self.new_staging(ino) {
             Ok(s) => s,
             Err(e) => {
@@ -1470,6 +1801,7 @@ impl Fs {
             }
         };
         s.dirty = true;
+        s.may_stream = true;
         let fh = self.add_handle(Handle::Write(s));
         Ok((ino, attr, fh))
     }
@@ -1630,6 +1962,7 @@ impl Fs {
             n.attr.size = size;
             n.attr.mtime = SystemTime::now();
         }
+        self.stream_parts(s, offset).await;
         Ok(data.len() as u32)
     }
 
@@ -1660,6 +1993,7 @@ impl Fs {
                 } else {
                     Ok(())
                 };
+                self.abandon(s);
                 self.uncharge(s);
                 if let Some(n) = lock(&self.state).nodes.get_mut(&s.ino) {
                     n.writers = n.writers.saturating_sub(1);

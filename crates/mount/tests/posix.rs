@@ -289,3 +289,141 @@ async fn large_file_multipart_and_streamed_read() {
     drop(f);
     m.stop();
 }
+
+/// "Large files written from the start go up part by part while they are written": what is
+/// stored is what was written last, whatever the writer did to parts already on their way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_sent_while_writing_never_win_over_later_writes() {
+    let (_g, s) = garage("early").await;
+    let mut m = TestMount::start(s.clone(), "part_size=5");
+    let chunk = 1 << 20;
+
+    // Sequential, with a chmod and an explicit mtime before close: the data is complete and
+    // the metadata is the final one, not what the upload began with.
+    let data = pattern(17 << 20, 1);
+    let mut f = fs::File::create(m.p("seq")).unwrap();
+    for c in data.chunks(chunk) {
+        f.write_all(c).unwrap();
+    }
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .unwrap();
+    f.set_modified(UNIX_EPOCH + Duration::from_secs(1_500_000_000))
+        .unwrap();
+    drop(f);
+    assert!(
+        object(&s, "seq").await == data,
+        "sequential write stored differently"
+    );
+    let info = s.head("seq", None).await.unwrap();
+    assert_eq!(info.metadata["mode"], (0o100600).to_string());
+    assert_eq!(info.metadata["mtime"], "1500000000");
+
+    // Sequential, then an overwrite at the start (a part already sent) and one in the middle.
+    let mut want = pattern(16 << 20, 2);
+    let mut f = fs::File::create(m.p("rewritten")).unwrap();
+    for c in want.chunks(chunk) {
+        f.write_all(c).unwrap();
+    }
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.write_all(b"HEAD").unwrap();
+    f.seek(SeekFrom::Start(7 << 20)).unwrap();
+    f.write_all(b"MIDDLE").unwrap();
+    drop(f);
+    want[..4].copy_from_slice(b"HEAD");
+    want[7 << 20..(7 << 20) + 6].copy_from_slice(b"MIDDLE");
+    assert!(
+        object(&s, "rewritten").await == want,
+        "the rewritten part was lost"
+    );
+
+    // Truncated below what was sent, then written again.
+    let mut f = fs::File::create(m.p("truncated")).unwrap();
+    for c in pattern(12 << 20, 3).chunks(chunk) {
+        f.write_all(c).unwrap();
+    }
+    f.set_len(3 << 20).unwrap();
+    f.seek(SeekFrom::Start(3 << 20)).unwrap();
+    f.write_all(b"tail").unwrap();
+    drop(f);
+    let mut want = pattern(12 << 20, 3);
+    want.truncate(3 << 20);
+    want.extend_from_slice(b"tail");
+    assert!(object(&s, "truncated").await == want, "truncation was lost");
+
+    // fsync in the middle makes what was written durable; writing on continues the file.
+    let data = pattern(13 << 20, 4);
+    let mut f = fs::File::create(m.p("synced")).unwrap();
+    f.write_all(&data[..11 << 20]).unwrap();
+    f.sync_all().unwrap();
+    assert!(
+        object(&s, "synced").await == data[..11 << 20],
+        "fsync did not store"
+    );
+    f.write_all(&data[11 << 20..]).unwrap();
+    drop(f);
+    assert!(
+        object(&s, "synced").await == data,
+        "writes after fsync were lost"
+    );
+
+    // Removed while written: nothing is stored.
+    let mut f = fs::File::create(m.p("gone")).unwrap();
+    for c in pattern(11 << 20, 5).chunks(chunk) {
+        f.write_all(c).unwrap();
+    }
+    fs::remove_file(m.p("gone")).unwrap();
+    drop(f);
+    assert!(
+        s.head("gone", None).await.is_err(),
+        "an unlinked file was stored"
+    );
+    m.stop();
+}
+
+/// "Our own changes update the cached listing": names created, written and removed through
+/// the mount show at once; changes behind its back show once the listing expires (`ttl=`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_changes_keep_the_listing_current() {
+    let (_g, s) = garage("listing").await;
+    let mut m = TestMount::start(s.clone(), "ttl=1");
+    fs::create_dir(m.p("d")).unwrap();
+    let names = |m: &TestMount| {
+        let mut v: Vec<String> = fs::read_dir(m.p("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(names(&m).is_empty());
+    for i in 0..20 {
+        fs::write(m.p(&format!("d/f{i:02}")), format!("{i}")).unwrap();
+    }
+    assert_eq!(names(&m).len(), 20);
+    assert_eq!(fs::metadata(m.p("d/f07")).unwrap().len(), 1);
+    assert_eq!(fs::metadata(m.p("d/f17")).unwrap().len(), 2);
+    fs::create_dir(m.p("d/sub")).unwrap();
+    std::os::unix::fs::symlink("f01", m.p("d/link")).unwrap();
+    fs::remove_file(m.p("d/f00")).unwrap();
+    let now = names(&m);
+    assert_eq!(now.len(), 21);
+    assert!(now.contains(&"sub".to_string()) && now.contains(&"link".to_string()));
+    assert!(!exists(&m.p("d/f00")));
+    assert_eq!(fs::read_link(m.p("d/link")).unwrap().to_str(), Some("f01"));
+    assert!(fs::symlink_metadata(m.p("d/link"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    // Behind the mount's back: visible once the listing is older than the TTL.
+    s.put(
+        "d/outside",
+        Body::Bytes(Bytes::from_static(b"o")),
+        &Metadata::new(),
+    )
+    .await
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(names(&m).contains(&"outside".to_string()));
+    assert_eq!(fs::read(m.p("d/outside")).unwrap(), b"o");
+    m.stop();
+}
