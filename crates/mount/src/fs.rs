@@ -261,7 +261,9 @@ pub struct Fs {
     store: Arc<dyn ObjectStore>,
     cfg: FsConfig,
     state: Mutex<State>,
-    handles: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<Handle>>>>,
+    /// Open files: the inode a write handle stages (found without locking any handle, which a
+    /// slow read or upload may hold), and the handle.
+    handles: Mutex<HashMap<u64, (Option<u64>, Arc<tokio::sync::Mutex<Handle>>)>>,
     dir_handles: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<DirHandle>>>>,
     next_fh: AtomicU64,
     staged: AtomicU64,
@@ -1253,20 +1255,28 @@ impl Fs {
 
     fn write_handle(&self, ino: u64, fh: Option<u64>) -> Option<Arc<tokio::sync::Mutex<Handle>>> {
         let handles = lock(&self.handles);
-        if let Some(h) = fh.and_then(|fh| handles.get(&fh)) {
-            if matches!(&*h.try_lock().ok()?, Handle::Write(s) if s.ino == ino) {
+        if let Some((Some(i), h)) = fh.and_then(|fh| handles.get(&fh)) {
+            if *i == ino {
                 return Some(h.clone());
             }
         }
         handles
             .values()
-            .find(|h| matches!(h.try_lock().as_deref(), Ok(Handle::Write(s)) if s.ino == ino))
-            .cloned()
+            .find(|(i, _)| *i == Some(ino))
+            .map(|(_, h)| h.clone())
+    }
+
+    /// The write handles of `ino`.
+    fn writers_of(&self, ino: u64) -> Vec<Arc<tokio::sync::Mutex<Handle>>> {
+        lock(&self.handles)
+            .values()
+            .filter(|(i, _)| *i == Some(ino))
+            .map(|(_, h)| h.clone())
+            .collect()
     }
 
     async fn mark_dirty(&self, ino: u64) {
-        let hs: Vec<_> = lock(&self.handles).values().cloned().collect();
-        for h in hs {
+        for h in self.writers_of(ino) {
             if let Handle::Write(s) = &mut *h.lock().await {
                 if s.ino == ino {
                     s.dirty = true;
@@ -1280,8 +1290,7 @@ impl Fs {
         if !self.has_writers(ino) {
             return Ok(());
         }
-        let hs: Vec<_> = lock(&self.handles).values().cloned().collect();
-        for h in hs {
+        for h in self.writers_of(ino) {
             if let Handle::Write(s) = &mut *h.lock().await {
                 if s.ino == ino && s.dirty {
                     self.upload(s).await?;
@@ -1688,14 +1697,18 @@ impl Fs {
 
     fn add_handle(&self, h: Handle) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.handles).insert(fh, Arc::new(tokio::sync::Mutex::new(h)));
+        let ino = match &h {
+            Handle::Write(s) => Some(s.ino),
+            Handle::Read(_) => None,
+        };
+        lock(&self.handles).insert(fh, (ino, Arc::new(tokio::sync::Mutex::new(h))));
         fh
     }
 
     fn handle(&self, fh: u64) -> FsResult<Arc<tokio::sync::Mutex<Handle>>> {
         lock(&self.handles)
             .get(&fh)
-            .cloned()
+            .map(|(_, h)| h.clone())
             .ok_or(FsError::BadHandle)
     }
 
@@ -1982,25 +1995,34 @@ impl Fs {
 
     /// Last close of a handle: uploads anything still unwritten, frees the staging file.
     pub async fn release(&self, fh: u64) -> FsResult<()> {
-        let Some(h) = lock(&self.handles).remove(&fh) else {
+        let Some((_, h)) = lock(&self.handles).remove(&fh) else {
             return Err(FsError::BadHandle);
         };
         let mut h = h.lock().await;
         let r = match &mut *h {
             Handle::Write(s) => {
-                let r = if s.dirty {
+                // Not again after a failed `close`/`fsync`: the program was told the data is
+                // not stored, and the kernel sends this release after `close` returned, maybe
+                // once the server is back.
+                let r = if s.dirty && !s.failed {
                     self.upload(s).await
                 } else {
                     Ok(())
                 };
                 self.abandon(s);
                 self.uncharge(s);
-                if let Some(n) = lock(&self.state).nodes.get_mut(&s.ino) {
+                let mut st = lock(&self.state);
+                if let Some(n) = st.nodes.get_mut(&s.ino) {
                     n.writers = n.writers.saturating_sub(1);
-                    if r.is_err() {
+                    // What the bucket has is not what was written here: ask it again (the
+                    // file may not exist there at all).
+                    if r.is_err() || s.dirty {
                         n.fetched = None;
+                        let parent = n.parent;
+                        st.dirs.remove(&parent);
                     }
                 }
+                drop(st);
                 r
             }
             Handle::Read(_) => Ok(()),
