@@ -255,6 +255,8 @@ async fn timed<T>(
     }
 }
 
+type SharedHandle = Arc<tokio::sync::Mutex<Handle>>;
+
 /// The file system.
 #[derive(Debug)]
 pub struct Fs {
@@ -263,7 +265,7 @@ pub struct Fs {
     state: Mutex<State>,
     /// Open files: the inode a write handle stages (found without locking any handle, which a
     /// slow read or upload may hold), and the handle.
-    handles: Mutex<HashMap<u64, (Option<u64>, Arc<tokio::sync::Mutex<Handle>>)>>,
+    handles: Mutex<HashMap<u64, (Option<u64>, SharedHandle)>>,
     dir_handles: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<DirHandle>>>>,
     next_fh: AtomicU64,
     staged: AtomicU64,
@@ -1253,7 +1255,7 @@ impl Fs {
             .is_some_and(|n| n.writers > 0)
     }
 
-    fn write_handle(&self, ino: u64, fh: Option<u64>) -> Option<Arc<tokio::sync::Mutex<Handle>>> {
+    fn write_handle(&self, ino: u64, fh: Option<u64>) -> Option<SharedHandle> {
         let handles = lock(&self.handles);
         if let Some((Some(i), h)) = fh.and_then(|fh| handles.get(&fh)) {
             if *i == ino {
@@ -1267,7 +1269,7 @@ impl Fs {
     }
 
     /// The write handles of `ino`.
-    fn writers_of(&self, ino: u64) -> Vec<Arc<tokio::sync::Mutex<Handle>>> {
+    fn writers_of(&self, ino: u64) -> Vec<SharedHandle> {
         lock(&self.handles)
             .values()
             .filter(|(i, _)| *i == Some(ino))
@@ -1705,7 +1707,7 @@ impl Fs {
         fh
     }
 
-    fn handle(&self, fh: u64) -> FsResult<Arc<tokio::sync::Mutex<Handle>>> {
+    fn handle(&self, fh: u64) -> FsResult<SharedHandle> {
         lock(&self.handles)
             .get(&fh)
             .map(|(_, h)| h.clone())
