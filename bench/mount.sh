@@ -12,7 +12,7 @@ BIN=${1:-target/release/infra-operator}
 SIZE_MIB=${SIZE_MIB:-1024}
 N_LIST=${N_LIST:-10000}
 N_SMALL=${N_SMALL:-1000}
-TREE=${TREE:-$(cd "$(dirname "$0")/.." && pwd)/crates}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
 GARAGE=${GARAGE:-$(command -v garage || echo "$HOME/.cargo/bin/garage")}
 W=$(mktemp -d /tmp/mount-bench.XXXXXX)
 PORT=$((20000 + RANDOM % 20000))
@@ -26,7 +26,12 @@ trap cleanup EXIT
 log() { echo "$*" >&2; }
 
 # --- Garage -----------------------------------------------------------------------------
-mkdir -p "$W/meta" "$W/data" "$W/ours" "$W/s3fs" "$W/cache"
+mkdir -p "$W/meta" "$W/data" "$W/ours" "$W/s3fs" "$W/cache" "$W/tree-src"
+# The tree copied: this repository's tracked crates/ (no build output), unless TREE is given.
+if [ -z "${TREE:-}" ]; then
+  git -C "$REPO" archive HEAD crates | tar -x -C "$W/tree-src"
+  TREE=$W/tree-src/crates
+fi
 cat > "$W/garage.toml" <<EOF
 metadata_dir = "$W/meta"
 data_dir = "$W/data"
@@ -80,6 +85,7 @@ pid_of() {
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }
 
+declare -A R
 # --- data -----------------------------------------------------------------------------
 log "preparing ${SIZE_MIB} MiB of random data and $N_LIST objects per bucket"
 head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > "$W/src.bin"
@@ -96,10 +102,22 @@ def put(a):
 with ThreadPoolExecutor(64) as ex:
     list(ex.map(put, [(b, i) for b in ("bench-ours", "bench-s3fs") for i in range(n)]))
 EOF
+# The server's own ceiling on this host: the same 1 GiB up and down with s5cmd (parallel
+# multipart upload, parallel ranged download), no file system in between.
+if command -v s5cmd >/dev/null; then
+  log "s5cmd: the server's ceiling"
+  S5=(s5cmd --endpoint-url "$ENDPOINT")
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  t0=$(now); "${S5[@]}" cp "$W/src.bin" s3://bench-ours/raw.bin >/dev/null; t1=$(now)
+  R[s5,write]=$(secs "$t0" "$t1")
+  t0=$(now); "${S5[@]}" cat s3://bench-ours/raw.bin > /dev/null; t1=$(now)
+  R[s5,read]=$(secs "$t0" "$t1")
+  "${S5[@]}" rm s3://bench-ours/raw.bin >/dev/null
+fi
+
 mount_ours
 mount_s3fs
 
-declare -A R
 for fs in ours s3fs; do
   M=$W/$fs
   log "[$fs] sequential write"
@@ -145,3 +163,7 @@ echo "| $N_SMALL small-file creates | ${R[ours,small]} | ${R[s3fs,small]} | $(ra
 echo "| cp -r of a source tree ($files files, $tree_mib MiB) | ${R[ours,cp]} | ${R[s3fs,cp]} | $(ratio "${R[s3fs,cp]}" "${R[ours,cp]}") |"
 echo "| du -s of that tree (after remount) | ${R[ours,du]} | ${R[s3fs,du]} | $(ratio "${R[s3fs,du]}" "${R[ours,du]}") |"
 echo "| peak RSS of the mount process (MiB) | ${R[ours,rss]} | ${R[s3fs,rss]} | |"
+if [ -n "${R[s5,write]:-}" ]; then
+  echo
+  echo "The server's ceiling on this host, with no file system in between: s5cmd $(s5cmd version 2>/dev/null | head -1) uploads the same ${SIZE_MIB} MiB (cp) in ${R[s5,write]} s and downloads it (cat to /dev/null) in ${R[s5,read]} s."
+fi

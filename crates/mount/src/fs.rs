@@ -38,8 +38,8 @@ const FIRST_WINDOW: u64 = 1 << 20;
 const START_WINDOW: u64 = 8 << 20;
 /// Largest window of one ranged GET.
 const MAX_WINDOW: u64 = 1 << 30;
-/// Body chunks buffered ahead of the reader (the prefetch).
-const PREFETCH_CHUNKS: usize = 1024;
+/// Bytes one GET stream reads ahead of the reader (a sequential reader has two streams).
+const PREFETCH_BYTES: usize = 16 << 20;
 /// A read this far past the received bytes waits for them rather than seeking.
 const SKIP_AHEAD: u64 = 4 << 20;
 /// Received bytes kept behind the reader.
@@ -152,7 +152,27 @@ pub struct DirHandle {
     pub ino: u64,
     /// Entries (without `.` and `..`).
     pub entries: Arc<Vec<Entry>>,
-    attrs: Vec<Option<(Attr, Option<String>)>>,
+    attrs: Arc<Slots>,
+    /// The task filling `attrs` (started by the first `readdirplus`, stopped at release).
+    filler: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for DirHandle {
+    fn drop(&mut self) {
+        if let Some(t) = &self.filler {
+            t.abort();
+        }
+    }
+}
+
+/// Attributes of an open directory's entries, filled in order by a task `HEAD_CONCURRENCY`
+/// requests at a time while `readdirplus` hands out the ones ready.
+#[derive(Debug)]
+struct Slots {
+    attrs: Mutex<Vec<Option<Resolved>>>,
+    /// The task is done: a slot still empty failed there (asked again in the foreground).
+    done: std::sync::atomic::AtomicBool,
+    changed: tokio::sync::Notify,
 }
 
 /// An entry for `readdirplus`: its node and attributes.
@@ -190,7 +210,9 @@ struct Reader {
 
 #[derive(Debug)]
 struct Stream {
-    rx: mpsc::Receiver<Result<Bytes, StoreError>>,
+    rx: mpsc::UnboundedReceiver<Result<Bytes, StoreError>>,
+    /// Bytes the task may still read ahead; given back as the reader takes chunks.
+    budget: Arc<tokio::sync::Semaphore>,
     task: tokio::task::JoinHandle<()>,
     /// Start of the range requested.
     start: u64,
@@ -720,7 +742,12 @@ impl Fs {
             Arc::new(tokio::sync::Mutex::new(DirHandle {
                 ino,
                 entries,
-                attrs: vec![None; n],
+                attrs: Arc::new(Slots {
+                    attrs: Mutex::new(vec![None; n]),
+                    done: false.into(),
+                    changed: tokio::sync::Notify::new(),
+                }),
+                filler: None,
             })),
         );
         Ok(fh)
@@ -736,52 +763,55 @@ impl Fs {
         Ok((h.ino, h.entries.clone()))
     }
 
-    /// Entries `from..` of an open directory with their attributes (HEAD requests in
-    /// parallel, ahead of the kernel's calls); nodes are created but not counted.
-    pub async fn readdirplus(&self, fh: u64, from: usize) -> FsResult<Vec<PlusEntry>> {
+    /// Entries `from..` of an open directory with their attributes: as many as are ready, at
+    /// least one. The first call starts a task that fetches every entry's attributes in order
+    /// (HEAD requests, `HEAD_CONCURRENCY` in flight), so the kernel's small `readdirplus`
+    /// calls never wait for a batch to drain. Nodes are created but not counted.
+    pub async fn readdirplus(self: &Arc<Self>, fh: u64, from: usize) -> FsResult<Vec<PlusEntry>> {
         let h = lock(&self.dir_handles)
             .get(&fh)
             .cloned()
             .ok_or(FsError::BadHandle)?;
-        let mut h = h.lock().await;
-        let dir = h.ino;
-        let path = self.path(dir)?;
-        let end = (from + PLUS_AHEAD).min(h.entries.len());
-        let missing: Vec<usize> = (from..end).filter(|&i| h.attrs[i].is_none()).collect();
-        let entries = h.entries.clone();
-        let results: Vec<(usize, FsResult<Resolved>)> =
-            futures::stream::iter(missing.into_iter().map(|i| {
-                let e = &entries[i];
-                let key = join(&path, &e.name);
-                async move { (i, self.entry_attr(dir, e, &key).await) }
-            }))
-            .buffer_unordered(HEAD_CONCURRENCY)
-            .collect()
-            .await;
-        for (i, r) in results {
-            match r {
-                Ok(a) => h.attrs[i] = Some(a),
-                // Gone since the listing: shown with the listing's attributes.
-                Err(e) if is_not_found(&e) => {
-                    let e = &entries[i];
-                    let a = match (&e.info, e.kind) {
-                        (Some(info), _) => Attr::from_listing(info),
-                        (None, Kind::Dir) => Attr::implied_dir(),
-                        (None, kind) => Attr {
-                            kind,
-                            ..Attr::implied_dir()
-                        },
-                    };
-                    h.attrs[i] = Some((a, None));
-                }
-                Err(e) => return Err(e),
+        let (dir, entries, slots) = {
+            let mut h = h.lock().await;
+            if h.filler.is_none() {
+                h.filler = Some(tokio::spawn(self.clone().fill_attrs(
+                    h.ino,
+                    h.entries.clone(),
+                    h.attrs.clone(),
+                )));
             }
+            (h.ino, h.entries.clone(), h.attrs.clone())
+        };
+        if from >= entries.len() {
+            return Ok(Vec::new());
         }
-        let mut out = Vec::new();
-        for i in from..end {
-            let Some((attr, etag)) = h.attrs[i].clone() else {
-                continue;
-            };
+        // Wait for the first slot (registered before looking, so no wake-up is missed).
+        loop {
+            let changed = slots.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if lock(&slots.attrs)[from].is_some() || slots.done.load(Ordering::SeqCst) {
+                break;
+            }
+            changed.await;
+        }
+        let ready: Vec<(usize, Resolved)> = {
+            let attrs = lock(&slots.attrs);
+            (from..(from + PLUS_AHEAD).min(entries.len()))
+                .map_while(|i| attrs[i].clone().map(|a| (i, a)))
+                .collect()
+        };
+        let ready = if ready.is_empty() {
+            // The task could not get this one: ask again here, so its error reaches ls.
+            let path = self.path(dir)?;
+            let e = &entries[from];
+            vec![(from, self.settle(dir, e, &join(&path, &e.name)).await?)]
+        } else {
+            ready
+        };
+        let mut out = Vec::with_capacity(ready.len());
+        for (i, (attr, etag)) in ready {
             let name = &entries[i].name;
             let ino = self.upsert(dir, name, attr, etag);
             let attr = lock(&self.state)
@@ -796,6 +826,54 @@ impl Fs {
             });
         }
         Ok(out)
+    }
+
+    /// The task behind [`Fs::readdirplus`]: fills `slots` in order; a slot whose request
+    /// failed stays empty.
+    async fn fill_attrs(self: Arc<Self>, dir: u64, entries: Arc<Vec<Entry>>, slots: Arc<Slots>) {
+        let Ok(path) = self.path(dir) else {
+            slots.done.store(true, Ordering::SeqCst);
+            slots.changed.notify_waiters();
+            return;
+        };
+        // Each request owns what it uses: the task must not borrow across its own awaits.
+        let mut results = futures::stream::iter(0..entries.len())
+            .map(|i| {
+                let (fs, entries, path) = (self.clone(), entries.clone(), path.clone());
+                async move {
+                    let e = &entries[i];
+                    let r = fs.settle(dir, e, &join(&path, &e.name)).await;
+                    (i, r)
+                }
+            })
+            .buffered(HEAD_CONCURRENCY);
+        while let Some((i, r)) = results.next().await {
+            if let Ok(a) = r {
+                lock(&slots.attrs)[i] = Some(a);
+                slots.changed.notify_waiters();
+            }
+        }
+        slots.done.store(true, Ordering::SeqCst);
+        slots.changed.notify_waiters();
+    }
+
+    /// An entry's attributes for a listing: an entry gone since the listing is shown with
+    /// what the listing said.
+    async fn settle(&self, dir: u64, e: &Entry, key: &str) -> FsResult<Resolved> {
+        match self.entry_attr(dir, e, key).await {
+            Err(err) if is_not_found(&err) => {
+                let a = match (&e.info, e.kind) {
+                    (Some(info), _) => Attr::from_listing(info),
+                    (None, Kind::Dir) => Attr::implied_dir(),
+                    (None, kind) => Attr {
+                        kind,
+                        ..Attr::implied_dir()
+                    },
+                };
+                Ok((a, None))
+            }
+            r => r,
+        }
     }
 
     async fn entry_attr(&self, dir: u64, e: &Entry, key: &str) -> FsResult<(Attr, Option<String>)> {
@@ -1882,6 +1960,7 @@ impl Fs {
             let s = r.stream.as_mut().ok_or(FsError::BadHandle)?;
             match tokio::time::timeout(self.cfg.timeout, s.rx.recv()).await {
                 Ok(Some(Ok(b))) => {
+                    s.budget.add_permits(b.len().min(PREFETCH_BYTES));
                     r.buf_len += b.len() as u64;
                     r.buf.push_back(b);
                 }
@@ -1940,18 +2019,29 @@ impl Fs {
             ..Default::default()
         };
         let resp = self.t("GetObject", self.store.get(&key, &opts)).await?;
-        let (tx, rx) = mpsc::channel(PREFETCH_CHUNKS);
+        // The channel is bounded in bytes, not chunks (their size is the server's choice):
+        // the task takes a chunk's length from the budget before handing it over.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let budget = Arc::new(tokio::sync::Semaphore::new(PREFETCH_BYTES));
         let mut body = resp.body;
+        let b = budget.clone();
         let task = tokio::spawn(async move {
             while let Some(c) = body.next().await {
                 let stop = c.is_err();
-                if tx.send(c).await.is_err() || stop {
+                if let Ok(bytes) = &c {
+                    match b.acquire_many(bytes.len().min(PREFETCH_BYTES) as u32).await {
+                        Ok(p) => p.forget(),
+                        Err(_) => break,
+                    }
+                }
+                if tx.send(c).is_err() || stop {
                     break;
                 }
             }
         });
         Ok(Stream {
             rx,
+            budget,
             task,
             start: offset,
             end,
