@@ -1514,20 +1514,34 @@ impl Fs {
                 self.store.create_multipart(key, meta),
             )
             .await?;
-        let n = size.div_ceil(part);
-        let parts = futures::stream::iter((0..n).map(|i| {
+        self.complete_parts(key, &id, path, size, part, Vec::new())
+            .await
+    }
+
+    /// Uploads the parts of the file at `path` after those in `done` (parts of `part` bytes,
+    /// up to `size`), then completes the upload `id`. On failure the upload is aborted, so
+    /// nothing half-written stays: the object keeps its previous content.
+    async fn complete_parts(
+        &self,
+        key: &str,
+        id: &str,
+        path: &std::path::Path,
+        size: u64,
+        part: u64,
+        mut done: Vec<PartInfo>,
+    ) -> FsResult<Option<String>> {
+        let first = done.len() as u64;
+        let rest = futures::stream::iter((first..size.div_ceil(part)).map(|i| {
             let offset = i * part;
-            let len = part.min(size - offset);
             let body = Body::File {
                 path: path.to_path_buf(),
                 offset,
-                len,
+                len: part.min(size - offset),
             };
-            let id = id.clone();
             async move {
                 self.t(
                     "UploadPart",
-                    self.store.upload_part(key, &id, i as i32 + 1, body),
+                    self.store.upload_part(key, id, i as i32 + 1, body),
                 )
                 .await
             }
@@ -1535,22 +1549,22 @@ impl Fs {
         .buffered(self.cfg.concurrency.max(1))
         .collect::<Vec<FsResult<PartInfo>>>()
         .await;
-        let parts: FsResult<Vec<PartInfo>> = parts.into_iter().collect();
-        let done = match parts {
-            Ok(parts) => {
+        let completed = match rest.into_iter().collect::<FsResult<Vec<PartInfo>>>() {
+            Ok(more) => {
+                done.extend(more);
+                done.sort_by_key(|p| p.number);
                 self.t(
                     "CompleteMultipartUpload",
-                    self.store.complete_multipart(key, &id, &parts),
+                    self.store.complete_multipart(key, id, &done),
                 )
                 .await
             }
             Err(e) => Err(e),
         };
-        match done {
+        match completed {
             Ok(r) => Ok(r.etag),
             Err(e) => {
-                // Nothing half-written stays: the object keeps its previous content.
-                if let Err(a) = self.store.abort_multipart(key, &id).await {
+                if let Err(a) = self.store.abort_multipart(key, id).await {
                     tracing::warn!(%key, "aborting the failed multipart upload failed: {a}");
                 }
                 Err(e)
@@ -1726,46 +1740,16 @@ impl Fs {
                 }
             }
         }
-        let tail = futures::stream::iter((e.started..parts_needed).map(|i| {
-            let offset = i * e.part;
-            let body = Body::File {
-                path: s.path.to_path_buf(),
-                offset,
-                len: e.part.min(s.size - offset),
-            };
-            let id = e.id.clone();
-            async move {
-                self.t(
-                    "UploadPart",
-                    self.store.upload_part(key, &id, i as i32 + 1, body),
-                )
-                .await
-            }
-        }))
-        .buffered(self.cfg.concurrency.max(1))
-        .collect::<Vec<FsResult<PartInfo>>>()
-        .await;
-        let done = match tail.into_iter().collect::<FsResult<Vec<PartInfo>>>() {
-            Ok(more) => {
-                e.done.extend(more);
-                e.done.sort_by_key(|p| p.number);
-                self.t(
-                    "CompleteMultipartUpload",
-                    self.store.complete_multipart(key, &e.id, &e.done),
-                )
-                .await
-            }
-            Err(err) => Err(err),
-        };
-        let etag = match done {
-            Ok(r) => r.etag,
-            Err(err) => {
-                if let Err(a) = self.store.abort_multipart(key, &e.id).await {
-                    tracing::warn!(%key, "aborting the failed multipart upload failed: {a}");
-                }
-                return Err(err);
-            }
-        };
+        let etag = self
+            .complete_parts(
+                key,
+                &e.id,
+                &s.path,
+                s.size,
+                e.part,
+                std::mem::take(&mut e.done),
+            )
+            .await?;
         if meta == &e.meta || s.size > MAX_COPY {
             return Ok(Some(etag));
         }
