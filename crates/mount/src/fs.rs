@@ -32,14 +32,15 @@ const PAGE: i32 = 1000;
 const HEAD_CONCURRENCY: usize = 64;
 /// Entries whose attributes one `readdirplus` call fetches ahead.
 const PLUS_AHEAD: usize = 512;
-/// First window of a ranged GET after a seek; doubled while reads stay sequential.
+/// Range of the first GET after a seek (a random reader pays for little).
 const FIRST_WINDOW: u64 = 1 << 20;
-/// First window of a read that starts at offset 0.
-const START_WINDOW: u64 = 8 << 20;
-/// Largest window of one ranged GET.
-const MAX_WINDOW: u64 = 1 << 30;
-/// Bytes one GET stream reads ahead of the reader (a sequential reader has two streams).
-const PREFETCH_BYTES: usize = 16 << 20;
+/// Range of each GET of a sequential reader.
+const CHUNK: u64 = 8 << 20;
+/// GETs in flight for a sequential reader (consecutive `CHUNK` ranges).
+const READ_DEPTH: usize = 4;
+/// Bytes one GET stream may hold ahead of the reader (at least `CHUNK`, so every range in
+/// flight completes on its own).
+const PREFETCH_BYTES: usize = CHUNK as usize;
 /// A read this far past the received bytes waits for them rather than seeking.
 const SKIP_AHEAD: u64 = 4 << 20;
 /// Received bytes kept behind the reader.
@@ -197,10 +198,11 @@ struct Reader {
     ino: u64,
     etag: Option<String>,
     size: u64,
-    stream: Option<Stream>,
-    /// The range after `stream`, already requested (sequential reading: two GETs in flight).
-    ahead: Option<Stream>,
-    window: u64,
+    /// Consecutive ranges requested, the first being read: one after a seek, up to
+    /// `READ_DEPTH` while reading sequentially.
+    streams: std::collections::VecDeque<Stream>,
+    /// The reader went on from one range to the next (so it reads sequentially).
+    sequential: bool,
     /// Bytes received, in order, from `buf_start` (recent ones kept so that reads the kernel
     /// sends slightly out of order, as its async read-ahead does, are served without a seek).
     buf: std::collections::VecDeque<Bytes>,
@@ -210,12 +212,10 @@ struct Reader {
 
 #[derive(Debug)]
 struct Stream {
-    rx: mpsc::UnboundedReceiver<Result<Bytes, StoreError>>,
+    rx: mpsc::UnboundedReceiver<FsResult<Bytes>>,
     /// Bytes the task may still read ahead; given back as the reader takes chunks.
     budget: Arc<tokio::sync::Semaphore>,
     task: tokio::task::JoinHandle<()>,
-    /// Start of the range requested.
-    start: u64,
     /// End of the range requested.
     end: u64,
 }
@@ -1817,9 +1817,8 @@ impl Fs {
             ino,
             etag,
             size: attr.size,
-            stream: None,
-            ahead: None,
-            window: START_WINDOW,
+            streams: Default::default(),
+            sequential: false,
             buf: Default::default(),
             buf_start: 0,
             buf_len: 0,
@@ -1903,9 +1902,11 @@ impl Fs {
         }
     }
 
-    /// Sequential reads continue one ranged GET whose body a task reads ahead into a bounded
-    /// channel; the next range starts where it ended, twice as long. A seek (a read outside
-    /// what was received, or too far ahead of it) starts a new, small range.
+    /// A read starts a ranged GET at its offset (`FIRST_WINDOW` long, a task reads its body
+    /// ahead into a channel bounded in bytes). Once the reader goes on past the end of one
+    /// range into the next, it is sequential: `READ_DEPTH` consecutive `CHUNK` ranges stay in
+    /// flight, so several GETs fetch at once. A seek (a read outside what was received, or
+    /// too far ahead of it) drops them and starts again.
     async fn read_object(&self, r: &mut Reader, offset: u64, size: u64) -> FsResult<Vec<u8>> {
         if offset >= r.size {
             return Ok(Vec::new());
@@ -1913,35 +1914,37 @@ impl Fs {
         let want_end = (offset + size).min(r.size);
         let received = r.buf_start + r.buf_len;
         if offset < r.buf_start || offset > received + SKIP_AHEAD {
-            r.stream = None;
-            r.ahead = None;
+            r.streams.clear();
+            r.sequential = false;
             r.buf.clear();
             r.buf_start = offset;
             r.buf_len = 0;
-            r.window = FIRST_WINDOW;
         }
         while r.buf_start + r.buf_len < want_end {
             let next = r.buf_start + r.buf_len;
-            if r.stream.as_ref().is_none_or(|s| s.end <= next) {
-                let sequential = r.stream.is_some() || next == 0;
-                r.stream = match r.ahead.take() {
-                    Some(a) if a.start == next => Some(a),
-                    _ => {
-                        if r.stream.is_some() {
-                            r.window = (r.window * 2).min(MAX_WINDOW);
-                        }
-                        Some(self.start_stream(r, next).await?)
-                    }
+            while r.streams.front().is_some_and(|s| s.end <= next) {
+                r.streams.pop_front();
+                r.sequential = true;
+            }
+            if r.streams.is_empty() {
+                let len = if next == 0 || r.sequential {
+                    CHUNK
+                } else {
+                    FIRST_WINDOW
                 };
-                // Reading sequentially: the following range is requested now, so two GETs
-                // are in flight.
-                let end = r.stream.as_ref().map_or(r.size, |s| s.end);
-                if sequential && end < r.size {
-                    r.window = (r.window * 2).min(MAX_WINDOW);
-                    r.ahead = Some(self.start_stream(r, end).await?);
+                r.streams.push_back(self.start_stream(r, next, len)?);
+            }
+            if r.sequential || next == 0 {
+                while r.streams.len() < READ_DEPTH {
+                    let end = r.streams.back().map_or(next, |s| s.end);
+                    if end >= r.size {
+                        break;
+                    }
+                    let s = self.start_stream(r, end, CHUNK)?;
+                    r.streams.push_back(s);
                 }
             }
-            let s = r.stream.as_mut().ok_or(FsError::BadHandle)?;
+            let s = r.streams.front_mut().ok_or(FsError::BadHandle)?;
             match tokio::time::timeout(self.cfg.timeout, s.rx.recv()).await {
                 Ok(Some(Ok(b))) => {
                     s.budget.add_permits(b.len().min(PREFETCH_BYTES));
@@ -1949,19 +1952,18 @@ impl Fs {
                     r.buf.push_back(b);
                 }
                 Ok(Some(Err(e))) => {
-                    r.stream = None;
-                    r.ahead = None;
-                    return Err(e.into());
+                    r.streams.clear();
+                    return Err(e);
                 }
                 Ok(None) => {
-                    r.stream = None;
+                    r.streams.clear();
                     return Err(FsError::Store(StoreError::Corrupt {
                         target: self.store.url_of(&self.path(r.ino)?),
                         reason: "the body ended before the requested range".into(),
                     }));
                 }
                 Err(_) => {
-                    r.stream = None;
+                    r.streams.clear();
                     return Err(FsError::TimedOut { op: "GetObject" });
                 }
             }
@@ -1994,23 +1996,31 @@ impl Fs {
         Ok(out)
     }
 
-    async fn start_stream(&self, r: &Reader, offset: u64) -> FsResult<Stream> {
-        let end = (offset + r.window).min(r.size);
+    /// Requests `offset..offset + len` (cut at the end of the object) in a task that sends the
+    /// body, or the request's error, through the stream's channel.
+    fn start_stream(&self, r: &Reader, offset: u64, len: u64) -> FsResult<Stream> {
+        let end = (offset + len).min(r.size);
         let key = self.path(r.ino)?;
         let opts = GetOptions {
             range: Some(offset..end),
             if_match: r.etag.clone(),
             ..Default::default()
         };
-        let resp = self.t("GetObject", self.store.get(&key, &opts)).await?;
         // The channel is bounded in bytes, not chunks (their size is the server's choice):
         // the task takes a chunk's length from the budget before handing it over.
         let (tx, rx) = mpsc::unbounded_channel();
         let budget = Arc::new(tokio::sync::Semaphore::new(PREFETCH_BYTES));
-        let mut body = resp.body;
-        let b = budget.clone();
+        let (b, store, timeout) = (budget.clone(), self.store.clone(), self.cfg.timeout);
         let task = tokio::spawn(async move {
+            let mut body = match timed(timeout, "GetObject", store.get(&key, &opts)).await {
+                Ok(resp) => resp.body,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
             while let Some(c) = body.next().await {
+                let c = c.map_err(FsError::from);
                 let stop = c.is_err();
                 if let Ok(bytes) = &c {
                     match b.acquire_many(bytes.len().min(PREFETCH_BYTES) as u32).await {
@@ -2027,7 +2037,6 @@ impl Fs {
             rx,
             budget,
             task,
-            start: offset,
             end,
         })
     }
