@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -30,8 +30,11 @@ pub const ROOT: u64 = 1;
 const PAGE: i32 = 1000;
 /// HEAD requests in flight when `readdirplus` fills attributes.
 const HEAD_CONCURRENCY: usize = 64;
-/// Entries whose attributes one `readdirplus` call fetches ahead.
+/// Entries one `readdirplus` call hands out at most.
 const PLUS_AHEAD: usize = 512;
+/// Entries whose attributes the filling task fetches past the last one `readdirplus`
+/// reached (a program that reads a few entries of a huge directory pays for few HEADs).
+const FILL_AHEAD: usize = 1024;
 /// Range of the first GET after a seek (a random reader pays for little).
 const FIRST_WINDOW: u64 = 1 << 20;
 /// Range of each GET of a sequential reader.
@@ -170,10 +173,33 @@ impl Drop for DirHandle {
 /// requests at a time while `readdirplus` hands out the ones ready.
 #[derive(Debug)]
 struct Slots {
-    attrs: Mutex<Vec<Option<Resolved>>>,
-    /// The task is done: a slot still empty failed there (asked again in the foreground).
+    attrs: Mutex<Vec<Slot>>,
+    /// The task ended (finished, failed or stopped): a slot still pending is asked in the
+    /// foreground.
     done: std::sync::atomic::AtomicBool,
+    /// Entries `readdirplus` reached so far: the task stays at most `FILL_AHEAD` past it.
+    wanted: AtomicUsize,
     changed: tokio::sync::Notify,
+}
+
+#[derive(Debug, Clone)]
+enum Slot {
+    Pending,
+    /// The attributes, and when they were asked for (a node changed since keeps its own).
+    Ready(Resolved, Instant),
+    /// The request failed: asked again in the foreground, so its error reaches the program.
+    Failed,
+}
+
+/// Marks the filling task ended however it stops (finished, failed, aborted, panicked), so no
+/// `readdirplus` waits for it.
+struct FillDone(Arc<Slots>);
+
+impl Drop for FillDone {
+    fn drop(&mut self) {
+        self.0.done.store(true, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
 }
 
 /// An entry for `readdirplus`: its node and attributes.
@@ -240,6 +266,9 @@ struct Staging {
     /// Whether full parts may go up while the file is still being written: it started empty
     /// and nothing was written into a range already handed to an upload.
     may_stream: bool,
+    /// End of the bytes written from offset 0 without a gap (only those go up early: a
+    /// file preallocated or written from its end has holes that are not its content yet).
+    contiguous: u64,
     /// The multipart upload under way while the file is written.
     early: Option<Early>,
 }
@@ -419,9 +448,14 @@ impl Fs {
     /// in a directory it just listed or made are answered without a request.
     fn dir_set(&self, parent: u64, name: &str, now: Option<(Kind, Option<ObjectInfo>)>) {
         let mut st = lock(&self.state);
-        let Some((_, entries)) = st.dirs.get_mut(&parent) else {
+        let Some((at, entries)) = st.dirs.get_mut(&parent) else {
             return;
         };
+        if !self.fresh(Some(*at)) {
+            // Expired: listed again next time, not worth an update.
+            st.dirs.remove(&parent);
+            return;
+        }
         let entries = Arc::make_mut(entries);
         let at = entries.binary_search_by(|e| e.name.as_str().cmp(name));
         match (at, now) {
@@ -497,16 +531,30 @@ impl Fs {
     /// The node for (parent, name) with these attributes: the same inode while the kind
     /// stays, a new one when it changed.
     fn upsert(&self, parent: u64, name: &str, attr: Attr, etag: Option<String>) -> u64 {
+        self.upsert_since(parent, name, attr, etag, None)
+    }
+
+    /// [`Fs::upsert`] with attributes asked for at `asked`: a node that learned newer ones
+    /// since (our own upload, a lookup) keeps them.
+    fn upsert_since(
+        &self,
+        parent: u64,
+        name: &str,
+        attr: Attr,
+        etag: Option<String>,
+        asked: Option<Instant>,
+    ) -> u64 {
         let mut st = lock(&self.state);
         let key = (parent, name.to_string());
         if let Some(&ino) = st.names.get(&key) {
             if let Some(n) = st.nodes.get_mut(&ino) {
                 if n.attr.kind == attr.kind {
-                    if n.writers == 0 {
+                    let newer = matches!((n.fetched, asked), (Some(f), Some(a)) if f > a);
+                    if n.writers == 0 && !newer {
                         n.attr = attr;
                         n.etag = etag;
+                        n.fetched = Some(asked.unwrap_or_else(Instant::now));
                     }
-                    n.fetched = Some(Instant::now());
                     return ino;
                 }
             }
@@ -743,8 +791,9 @@ impl Fs {
                 ino,
                 entries,
                 attrs: Arc::new(Slots {
-                    attrs: Mutex::new(vec![None; n]),
+                    attrs: Mutex::new(vec![Slot::Pending; n]),
                     done: false.into(),
+                    wanted: AtomicUsize::new(0),
                     changed: tokio::sync::Notify::new(),
                 }),
                 filler: None,
@@ -786,34 +835,47 @@ impl Fs {
         if from >= entries.len() {
             return Ok(Vec::new());
         }
+        if slots.wanted.fetch_max(from, Ordering::SeqCst) < from {
+            slots.changed.notify_waiters();
+        }
         // Wait for the first slot (registered before looking, so no wake-up is missed).
         loop {
             let changed = slots.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if lock(&slots.attrs)[from].is_some() || slots.done.load(Ordering::SeqCst) {
+            if !matches!(lock(&slots.attrs)[from], Slot::Pending)
+                || slots.done.load(Ordering::SeqCst)
+            {
                 break;
             }
             changed.await;
         }
-        let ready: Vec<(usize, Resolved)> = {
+        let ready: Vec<(usize, Resolved, Instant)> = {
             let attrs = lock(&slots.attrs);
             (from..(from + PLUS_AHEAD).min(entries.len()))
-                .map_while(|i| attrs[i].clone().map(|a| (i, a)))
+                .map_while(|i| match &attrs[i] {
+                    Slot::Ready(a, asked) => Some((i, a.clone(), *asked)),
+                    Slot::Pending | Slot::Failed => None,
+                })
                 .collect()
         };
         let ready = if ready.is_empty() {
             // The task could not get this one: ask again here, so its error reaches ls.
             let path = self.path(dir)?;
             let e = &entries[from];
-            vec![(from, self.settle(dir, e, &join(&path, &e.name)).await?)]
+            let asked = Instant::now();
+            vec![(
+                from,
+                self.settle(dir, e, &join(&path, &e.name)).await?,
+                asked,
+            )]
         } else {
             ready
         };
         let mut out = Vec::with_capacity(ready.len());
-        for (i, (attr, etag)) in ready {
+        for (i, (attr, etag), asked) in ready {
             let name = &entries[i].name;
-            let ino = self.upsert(dir, name, attr, etag);
+            let ino = self.upsert_since(dir, name, attr, etag, Some(asked));
             let attr = lock(&self.state)
                 .nodes
                 .get(&ino)
@@ -828,33 +890,44 @@ impl Fs {
         Ok(out)
     }
 
-    /// The task behind [`Fs::readdirplus`]: fills `slots` in order; a slot whose request
-    /// failed stays empty.
+    /// The task behind [`Fs::readdirplus`]: fills `slots` in order, at most `FILL_AHEAD`
+    /// entries past the last one asked for. A failed request marks its slot at once (the
+    /// `readdirplus` waiting for it asks again and reports the error; the program then closes
+    /// the directory, which stops this task).
     async fn fill_attrs(self: Arc<Self>, dir: u64, entries: Arc<Vec<Entry>>, slots: Arc<Slots>) {
+        let _done = FillDone(slots.clone());
         let Ok(path) = self.path(dir) else {
-            slots.done.store(true, Ordering::SeqCst);
-            slots.changed.notify_waiters();
             return;
         };
         // Each request owns what it uses: the task must not borrow across its own awaits.
         let mut results = futures::stream::iter(0..entries.len())
             .map(|i| {
-                let (fs, entries, path) = (self.clone(), entries.clone(), path.clone());
+                let (fs, entries, path, slots) =
+                    (self.clone(), entries.clone(), path.clone(), slots.clone());
                 async move {
+                    loop {
+                        let changed = slots.changed.notified();
+                        tokio::pin!(changed);
+                        changed.as_mut().enable();
+                        if i < slots.wanted.load(Ordering::SeqCst) + FILL_AHEAD {
+                            break;
+                        }
+                        changed.await;
+                    }
                     let e = &entries[i];
+                    let asked = Instant::now();
                     let r = fs.settle(dir, e, &join(&path, &e.name)).await;
-                    (i, r)
+                    (i, r, asked)
                 }
             })
             .buffered(HEAD_CONCURRENCY);
-        while let Some((i, r)) = results.next().await {
-            if let Ok(a) = r {
-                lock(&slots.attrs)[i] = Some(a);
-                slots.changed.notify_waiters();
-            }
+        while let Some((i, r, asked)) = results.next().await {
+            lock(&slots.attrs)[i] = match r {
+                Ok(a) => Slot::Ready(a, asked),
+                Err(_) => Slot::Failed,
+            };
+            slots.changed.notify_waiters();
         }
-        slots.done.store(true, Ordering::SeqCst);
-        slots.changed.notify_waiters();
     }
 
     /// An entry's attributes for a listing: an entry gone since the listing is shown with
@@ -1264,6 +1337,7 @@ impl Fs {
                         self.abandon(s);
                     }
                     self.resize_staging(s, size)?;
+                    s.contiguous = s.contiguous.min(size);
                     s.dirty = true;
                 }
                 self.set_local_attr(ino, new);
@@ -1397,6 +1471,7 @@ impl Fs {
             failed: false,
             charged: 0,
             may_stream: false,
+            contiguous: 0,
             early: None,
         })
     }
@@ -1471,7 +1546,9 @@ impl Fs {
             Some(e) => self.finish_early(e, s, &key, &meta).await?,
             None => None,
         };
-        let etag = if let Some(etag) = early {
+        // The object holds the data but not the latest metadata (see `finish_early`).
+        let stale = matches!(early, Some((_, false)));
+        let etag = if let Some((etag, _)) = early {
             etag
         } else if s.size <= self.cfg.part_size {
             let body = Body::File {
@@ -1490,7 +1567,7 @@ impl Fs {
             let n = st.nodes.get_mut(&s.ino).ok_or(FsError::BadHandle)?;
             n.attr = attr;
             n.etag = etag.clone();
-            n.fetched = Some(Instant::now());
+            n.fetched = (!stale).then(Instant::now);
             (n.parent, n.name.clone())
         };
         let info = self.listed(&key, attr.size, etag);
@@ -1579,6 +1656,16 @@ impl Fs {
         if !s.may_stream || self.cfg.read_only {
             return;
         }
+        // Removed while open: it never goes up, so neither do its parts.
+        if lock(&self.state)
+            .nodes
+            .get(&s.ino)
+            .is_none_or(|n| n.unlinked)
+        {
+            self.abandon(s);
+            s.may_stream = false;
+            return;
+        }
         let part = self.cfg.part_size;
         if s.early
             .as_ref()
@@ -1591,10 +1678,10 @@ impl Fs {
         }
         loop {
             let started = s.early.as_ref().map_or(0, |e| e.started);
-            if s.size < (started + 1) * part {
+            if s.contiguous < (started + 1) * part {
                 return;
             }
-            if started + 1 >= MAX_PARTS {
+            if started + 1 > MAX_PARTS {
                 self.abandon(s);
                 s.may_stream = false;
                 return;
@@ -1680,17 +1767,41 @@ impl Fs {
         }
     }
 
-    /// Drops the early upload of `s`, if any: its running parts stop and the upload is
-    /// aborted in the background (the object keeps its previous content).
+    /// Drops the early upload of `s`, if any: its running parts stop and, once they have,
+    /// the upload is aborted in the background (the object keeps its previous content; a
+    /// part still arriving after the abort would otherwise stay stored, unlisted).
     fn abandon(&self, s: &mut Staging) {
         let Some(e) = s.early.take() else { return };
         for h in &e.running {
             h.abort();
         }
-        let store = self.store.clone();
+        let (store, timeout) = (self.store.clone(), self.cfg.timeout);
         tokio::spawn(async move {
-            if let Err(err) = store.abort_multipart(&e.key, &e.id).await {
-                tracing::warn!(key = %e.key, "aborting an abandoned multipart upload failed: {err}");
+            for h in e.running {
+                let _ = h.await;
+            }
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match timed(
+                    timeout,
+                    "AbortMultipartUpload",
+                    store.abort_multipart(&e.key, &e.id),
+                )
+                .await
+                {
+                    Ok(()) => return,
+                    Err(err) if tries >= 3 => {
+                        tracing::warn!(
+                            key = %e.key,
+                            upload = %e.id,
+                            "aborting an abandoned multipart upload failed; its parts stay \
+                             stored until a lifecycle rule removes them: {err}"
+                        );
+                        return;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_secs(tries)).await,
+                }
             }
         });
     }
@@ -1699,28 +1810,30 @@ impl Fs {
     /// used (the file was renamed, truncated below it, or a part failed): then it is
     /// aborted and the caller uploads the whole file. The stored metadata is `meta`: when it
     /// differs from what the upload began with (the mtime of the last write, a chmod), the
-    /// object is copied onto itself with it, server-side.
+    /// object is copied onto itself with it, server-side. Returns the ETag and whether the
+    /// stored metadata is `meta`: when that copy fails the data is stored all the same (so
+    /// the writer is not told otherwise), with the metadata of the upload's start.
     async fn finish_early(
         &self,
         mut e: Early,
         s: &mut Staging,
         key: &str,
         meta: &infra_store::Metadata,
-    ) -> FsResult<Option<Option<String>>> {
+    ) -> FsResult<Option<(Option<String>, bool)>> {
         let sent = e.started * e.part;
         let parts_needed = e.started + (s.size - sent.min(s.size)).div_ceil(e.part);
         // Over CopyObject's limit the metadata cannot be replaced afterwards: the upload is
         // kept when only the times differ (they stay those of the first part), not when the
         // mode or owner changed.
-        let times = [crate::meta::MTIME, crate::meta::ATIME, crate::meta::CTIME];
-        let same_but_times = || {
-            let strip = |m: &infra_store::Metadata| {
-                let mut m = m.clone();
-                m.retain(|k, _| !times.contains(&k.as_str()));
-                m
-            };
-            strip(meta) == strip(&e.meta)
+        let without = |m: &infra_store::Metadata, keys: &[&str]| {
+            let mut m = m.clone();
+            m.retain(|k, _| !keys.contains(&k.as_str()));
+            m
         };
+        let times = [crate::meta::MTIME, crate::meta::ATIME, crate::meta::CTIME];
+        let same_but_times = || without(meta, &times) == without(&e.meta, &times);
+        // The ctime is the time of the request: not a reason to copy.
+        let same = without(meta, &[crate::meta::CTIME]) == without(&e.meta, &[crate::meta::CTIME]);
         let usable = e.key == key
             && s.size >= sent
             && parts_needed <= MAX_PARTS
@@ -1750,13 +1863,26 @@ impl Fs {
                 std::mem::take(&mut e.done),
             )
             .await?;
-        if meta == &e.meta || s.size > MAX_COPY {
-            return Ok(Some(etag));
+        if same {
+            return Ok(Some((etag, true)));
         }
-        let put = self
+        if s.size > MAX_COPY {
+            return Ok(Some((etag, false)));
+        }
+        match self
             .t("CopyObject", self.store.copy(key, key, Some(meta)))
-            .await?;
-        Ok(Some(put.etag))
+            .await
+        {
+            Ok(put) => Ok(Some((put.etag, true))),
+            Err(err) => {
+                tracing::warn!(
+                    %key,
+                    "the data is stored, but its mode, owner and times are those of when the \
+                     upload began: replacing them failed ({err}); chmod or touch the file to retry"
+                );
+                Ok(Some((etag, false)))
+            }
+        }
     }
 
     fn add_handle(&self, h: Handle) -> u64 {
@@ -1841,14 +1967,21 @@ impl Fs {
         let attr = self.now_attr(Kind::File, mode, uid, gid);
         let ino = {
             let mut st = lock(&self.state);
+            let ino = st.next_ino;
+            st.next_ino += 1;
+            ino
+        };
+        // Staged first: when that fails (cache directory full or unwritable), nothing of the
+        // new name shows.
+        let mut s = self.new_staging(ino)?;
+        {
+            let mut st = lock(&self.state);
             let key = (parent, name.to_string());
             if let Some(old) = st.names.remove(&key) {
                 if let Some(n) = st.nodes.get_mut(&old) {
                     n.unlinked = true;
                 }
             }
-            let ino = st.next_ino;
-            st.next_ino += 1;
             st.nodes.insert(
                 ino,
                 Node {
@@ -1864,18 +1997,8 @@ impl Fs {
                 },
             );
             st.names.insert(key, ino);
-            ino
-        };
+        }
         self.dir_set(parent, name, Some((Kind::File, None)));
-        let mut s = match self.new_staging(ino) {
-            Ok(s) => s,
-            Err(e) => {
-                if let Some(n) = lock(&self.state).nodes.get_mut(&ino) {
-                    n.writers = 0;
-                }
-                return Err(e);
-            }
-        };
         s.dirty = true;
         s.may_stream = true;
         let fh = self.add_handle(Handle::Write(s));
@@ -2054,7 +2177,13 @@ impl Fs {
             .write_all_at(data, offset)
             .map_err(local("write a staging file"))?;
         s.size = s.size.max(end);
+        if offset <= s.contiguous {
+            s.contiguous = s.contiguous.max(end);
+        }
         s.dirty = true;
+        // Written again: what the last release uploads is this, whatever an earlier
+        // `fsync` said.
+        s.failed = false;
         let size = s.size;
         if let Some(n) = lock(&self.state).nodes.get_mut(&s.ino) {
             n.attr.size = size;
@@ -2071,7 +2200,7 @@ impl Fs {
         match &mut *h {
             Handle::Write(s) if s.dirty => {
                 let r = self.upload(s).await;
-                s.failed |= r.is_err();
+                s.failed = r.is_err();
                 r
             }
             Handle::Write(_) | Handle::Read(_) => Ok(()),

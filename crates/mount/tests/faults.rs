@@ -185,3 +185,133 @@ async fn untrusted_keys_are_hidden_never_resolved_outside() {
     }
     assert_eq!(fs::read(m.p("dir/fine.txt")).unwrap(), b"fine");
 }
+
+/// Work the mount does behind the program's back (attributes fetched ahead for a listing,
+/// parts sent while a file is written, metadata replaced after an upload) fails or wastes
+/// nothing the program would notice: an error reaches the listing at once, a failed create
+/// leaves no name behind, bytes are sent once, and stored data is reported stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_work_fails_cleanly() {
+    use infra_store::testing::{Faults, FaultyStore};
+    use infra_store::ObjectStore;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let (_g, inner) = garage("background").await;
+    let faults = Faults::none();
+    let s: Arc<dyn ObjectStore> = Arc::new(FaultyStore::new(inner.clone(), faults.clone()));
+    // A long request timeout: a stalled HEAD holds whatever waits for it for ten minutes.
+    let mut m = TestMount::start(s, "ttl=60,timeout=600,part_size=5");
+
+    // A listing whose fifth entry cannot be read while a later one hangs: the error reaches
+    // the program (ls -l: getdents, then lstat of each entry) without waiting for the hang.
+    for i in 0..200 {
+        inner
+            .put(
+                &format!("d/f{i:03}"),
+                Body::Bytes(Bytes::from_static(b"x")),
+                &Metadata::new(),
+            )
+            .await
+            .unwrap();
+    }
+    faults.fail_heads.lock().unwrap().insert("d/f005".into());
+    faults.stall_heads.lock().unwrap().insert("d/f150".into());
+    let dir = m.p("d");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = (|| -> std::io::Result<usize> {
+            let mut n = 0;
+            for e in fs::read_dir(&dir)? {
+                fs::symlink_metadata(e?.path())?;
+                n += 1;
+            }
+            Ok(n)
+        })();
+        let _ = tx.send(r);
+    });
+    let listed = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the listing waited for an unrelated stalled request");
+    let e = listed.expect_err("an entry whose HEAD fails was listed as fine");
+    assert_eq!(errno(&e), nix::libc::EIO, "{e}");
+    faults.stall_heads.lock().unwrap().clear();
+    faults.fail_heads.lock().unwrap().clear();
+
+    // Preallocated, then written from the start: each byte goes up once (parts are cut from
+    // what was written, not from the file's size).
+    let before = faults.part_bytes.load(SeqCst);
+    let data = pattern(12 << 20, 7);
+    let mut f = fs::File::create(m.p("prealloc")).unwrap();
+    f.set_len(12 << 20).unwrap();
+    for c in data.chunks(1 << 20) {
+        f.write_all(c).unwrap();
+    }
+    drop(f);
+    assert!(
+        object(&inner, "prealloc").await == data,
+        "prealloc stored wrong"
+    );
+    assert_eq!(
+        faults.part_bytes.load(SeqCst) - before,
+        12 << 20,
+        "bytes sent in parts for a 12 MiB file"
+    );
+
+    // Removed while written: no part goes up after the unlink.
+    let before = faults.part_bytes.load(SeqCst);
+    let mut f = fs::File::create(m.p("unlinked")).unwrap();
+    for c in pattern(6 << 20, 8).chunks(1 << 20) {
+        f.write_all(c).unwrap();
+    }
+    fs::remove_file(m.p("unlinked")).unwrap();
+    for c in pattern(10 << 20, 9).chunks(1 << 20) {
+        f.write_all(c).unwrap();
+    }
+    drop(f);
+    let sent = faults.part_bytes.load(SeqCst) - before;
+    assert!(
+        sent <= 5 << 20,
+        "{sent} bytes sent in parts for a file removed after its first 5 MiB part"
+    );
+    assert!(inner.head("unlinked", None).await.is_err());
+
+    // The data went up in parts, but replacing its metadata afterwards (a chmod before the
+    // fsync) fails: fsync still succeeds, since the data is stored.
+    faults.fail_copies.store(true, SeqCst);
+    let data = pattern(11 << 20, 10);
+    let mut f = fs::File::create(m.p("copyfail")).unwrap();
+    for c in data.chunks(1 << 20) {
+        f.write_all(c).unwrap();
+    }
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .unwrap();
+    f.sync_all()
+        .expect("fsync failed although the data was stored");
+    faults.fail_copies.store(false, SeqCst);
+    drop(f);
+    assert!(
+        object(&inner, "copyfail").await == data,
+        "copyfail stored wrong"
+    );
+
+    // A create that cannot stage (the cache directory is not a directory) leaves no name.
+    fs::create_dir(m.p("e")).unwrap();
+    fs::write(m.p("e/one"), b"1").unwrap();
+    assert_eq!(fs::read_dir(m.p("e")).unwrap().count(), 1);
+    let cache = m.cache.path().to_path_buf();
+    fs::remove_dir_all(&cache).unwrap();
+    fs::write(&cache, b"not a directory").unwrap();
+    fs::File::create(m.p("e/two")).expect_err("created without a staging file");
+    let names: Vec<_> = fs::read_dir(m.p("e"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["one"], "a failed create left its name");
+    assert!(!exists(&m.p("e/two")), "a failed create left a file");
+    fs::remove_file(&cache).unwrap();
+    fs::create_dir(&cache).unwrap();
+    m.stop();
+}

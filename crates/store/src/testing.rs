@@ -344,6 +344,14 @@ pub struct Faults {
     pub head_calls: AtomicUsize,
     /// Number of writes seen (`put`, `create_multipart`, `delete`).
     pub write_calls: AtomicUsize,
+    /// Bytes handed to `upload_part` (counted when the call is made).
+    pub part_bytes: AtomicU64,
+    /// Fail every `copy`.
+    pub fail_copies: std::sync::atomic::AtomicBool,
+    /// Keys whose `head` fails.
+    pub fail_heads: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Keys whose `head` never answers (the caller's timeout decides).
+    pub stall_heads: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Faults {
@@ -407,10 +415,22 @@ impl ObjectStore for FaultyStore {
     }
     async fn copy(&self, from: &str, to: &str, metadata: Option<&Metadata>) -> Result<PutResult> {
         self.faults.write_calls.fetch_add(1, Ordering::SeqCst);
+        if self.faults.fail_copies.load(Ordering::SeqCst) {
+            return Err(self.injected("CopyObject", to));
+        }
         self.inner.copy(from, to, metadata).await
     }
     async fn head(&self, key: &str, version_id: Option<&str>) -> Result<ObjectInfo> {
         self.faults.head_calls.fetch_add(1, Ordering::SeqCst);
+        let lock = |m: &std::sync::Mutex<std::collections::HashSet<String>>| {
+            m.lock().unwrap_or_else(|p| p.into_inner()).contains(key)
+        };
+        if lock(&self.faults.stall_heads) {
+            std::future::pending::<()>().await;
+        }
+        if lock(&self.faults.fail_heads) {
+            return Err(self.injected("HeadObject", key));
+        }
         self.inner.head(key, version_id).await
     }
     async fn get(&self, key: &str, opts: &GetOptions) -> Result<GetResponse> {
@@ -462,6 +482,9 @@ impl ObjectStore for FaultyStore {
         body: Body,
     ) -> Result<PartInfo> {
         self.faults.part_calls.fetch_add(1, Ordering::SeqCst);
+        self.faults
+            .part_bytes
+            .fetch_add(body.len(), Ordering::SeqCst);
         let limit = self.faults.fail_parts_after.load(Ordering::SeqCst);
         if self.faults.parts_ok.load(Ordering::SeqCst) >= limit {
             return Err(self.injected("UploadPart", key));
