@@ -189,10 +189,13 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::Invalid => Errno::EINVAL,
         FsError::BadHandle => Errno::EBADF,
         FsError::CacheFull => Errno::ENOSPC,
-        FsError::Local { source, .. } => source
-            .raw_os_error()
-            .map(Errno::from_i32)
-            .unwrap_or(Errno::EIO),
+        // The staging disk being full is the program's to know; anything else about our
+        // cache directory (missing, not a directory, permissions) is not about its file,
+        // so `EEXIST` or `ENOTDIR` would mislead it: EIO, with the cause in the log.
+        FsError::Local { source, .. } => match source.raw_os_error().map(Errno::from_i32) {
+            Some(e @ (Errno::ENOSPC | Errno::EDQUOT | Errno::EFBIG)) => e,
+            Some(_) | None => Errno::EIO,
+        },
     }
 }
 
@@ -259,6 +262,13 @@ mod tests {
         assert_eq!(errno(&FsError::TimedOut { op: "GetObject" }), Errno::EIO);
         assert_eq!(errno(&FsError::NotEmpty), Errno::ENOTEMPTY);
         assert_eq!(errno(&FsError::CacheFull), Errno::ENOSPC);
+        let local = |n| FsError::Local {
+            op: "create the cache directory",
+            source: std::io::Error::from_raw_os_error(n),
+        };
+        assert_eq!(errno(&local(nix::libc::ENOSPC)), Errno::ENOSPC);
+        assert_eq!(errno(&local(nix::libc::EEXIST)), Errno::EIO);
+        assert_eq!(errno(&local(nix::libc::ENOTDIR)), Errno::EIO);
         assert_eq!(
             errno(&FsError::Name(infra_store::KeyProblem::ComponentTooLong)),
             Errno::ENAMETOOLONG

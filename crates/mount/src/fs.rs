@@ -271,6 +271,9 @@ struct Staging {
     contiguous: u64,
     /// The multipart upload under way while the file is written.
     early: Option<Early>,
+    /// The data is stored but replacing its metadata afterwards failed (see `finish_early`):
+    /// tried again at the next `close`/`fsync` and at the last release.
+    meta_stale: bool,
 }
 
 /// A multipart upload started while a file that began empty is written sequentially: each
@@ -531,31 +534,32 @@ impl Fs {
     /// The node for (parent, name) with these attributes: the same inode while the kind
     /// stays, a new one when it changed.
     fn upsert(&self, parent: u64, name: &str, attr: Attr, etag: Option<String>) -> u64 {
-        self.upsert_since(parent, name, attr, etag, None)
+        self.upsert_since(parent, name, attr, etag, None).0
     }
 
-    /// [`Fs::upsert`] with attributes asked for at `asked`: a node that learned newer ones
-    /// since (our own upload, a lookup) keeps them.
+    /// [`Fs::upsert`] with attributes known at `known` (the time their request was sent):
+    /// a node that learned newer ones since (our own upload, another lookup) keeps them.
+    /// Returns the node and the attributes it has now.
     fn upsert_since(
         &self,
         parent: u64,
         name: &str,
         attr: Attr,
         etag: Option<String>,
-        asked: Option<Instant>,
-    ) -> u64 {
+        known: Option<Instant>,
+    ) -> (u64, Attr) {
         let mut st = lock(&self.state);
         let key = (parent, name.to_string());
         if let Some(&ino) = st.names.get(&key) {
             if let Some(n) = st.nodes.get_mut(&ino) {
                 if n.attr.kind == attr.kind {
-                    let newer = matches!((n.fetched, asked), (Some(f), Some(a)) if f > a);
+                    let newer = matches!((n.fetched, known), (Some(f), Some(k)) if f > k);
                     if n.writers == 0 && !newer {
                         n.attr = attr;
                         n.etag = etag;
-                        n.fetched = Some(asked.unwrap_or_else(Instant::now));
+                        n.fetched = Some(known.unwrap_or_else(Instant::now));
                     }
-                    return ino;
+                    return (ino, n.attr);
                 }
             }
         }
@@ -567,7 +571,7 @@ impl Fs {
                 parent,
                 name: name.to_string(),
                 attr,
-                fetched: Some(Instant::now()),
+                fetched: Some(known.unwrap_or_else(Instant::now)),
                 lookups: 0,
                 etag,
                 writers: 0,
@@ -576,7 +580,7 @@ impl Fs {
             },
         );
         st.names.insert(key, ino);
-        ino
+        (ino, attr)
     }
 
     /// Raises the kernel's lookup count of a node (after an entry was handed to it).
@@ -631,12 +635,13 @@ impl Fs {
         }
         // A fresh listing of the parent answers without a request when the name is not in
         // it, and says which one request tells its attributes when it is.
-        let (attr, etag) = match self.listed_entry(parent, name) {
+        let asked = Instant::now();
+        let ((attr, etag), known) = match self.listed_entry(parent, name) {
             Some(None) => return Err(FsError::NotFound),
             Some(Some(e)) => self.entry_attr(parent, &e, &path).await?,
-            None => self.resolve(&path).await?,
+            None => (self.resolve(&path).await?, asked),
         };
-        let ino = self.upsert(parent, name, attr, etag);
+        let (ino, attr) = self.upsert_since(parent, name, attr, etag, Some(known));
         self.remember(ino);
         Ok((ino, attr))
     }
@@ -671,8 +676,9 @@ impl Fs {
                 n.name.clone(),
             )
         };
+        let asked = Instant::now();
         let (attr, etag) = self.resolve(&path).await?;
-        let got = self.upsert(parent, &name, attr, etag);
+        let (got, attr) = self.upsert_since(parent, &name, attr, etag, Some(asked));
         if got != ino {
             // It is something else now (a file became a directory): this inode is stale.
             return Err(FsError::NotFound);
@@ -863,24 +869,15 @@ impl Fs {
             // The task could not get this one: ask again here, so its error reaches ls.
             let path = self.path(dir)?;
             let e = &entries[from];
-            let asked = Instant::now();
-            vec![(
-                from,
-                self.settle(dir, e, &join(&path, &e.name)).await?,
-                asked,
-            )]
+            let (a, known) = self.settle(dir, e, &join(&path, &e.name)).await?;
+            vec![(from, a, known)]
         } else {
             ready
         };
         let mut out = Vec::with_capacity(ready.len());
-        for (i, (attr, etag), asked) in ready {
+        for (i, (attr, etag), known) in ready {
             let name = &entries[i].name;
-            let ino = self.upsert_since(dir, name, attr, etag, Some(asked));
-            let attr = lock(&self.state)
-                .nodes
-                .get(&ino)
-                .map(|n| n.attr)
-                .unwrap_or(attr);
+            let (ino, attr) = self.upsert_since(dir, name, attr, etag, Some(known));
             out.push(PlusEntry {
                 name: name.clone(),
                 ino,
@@ -915,15 +912,14 @@ impl Fs {
                         changed.await;
                     }
                     let e = &entries[i];
-                    let asked = Instant::now();
                     let r = fs.settle(dir, e, &join(&path, &e.name)).await;
-                    (i, r, asked)
+                    (i, r)
                 }
             })
             .buffered(HEAD_CONCURRENCY);
-        while let Some((i, r, asked)) = results.next().await {
+        while let Some((i, r)) = results.next().await {
             lock(&slots.attrs)[i] = match r {
-                Ok(a) => Slot::Ready(a, asked),
+                Ok((a, known)) => Slot::Ready(a, known),
                 Err(_) => Slot::Failed,
             };
             slots.changed.notify_waiters();
@@ -932,7 +928,8 @@ impl Fs {
 
     /// An entry's attributes for a listing: an entry gone since the listing is shown with
     /// what the listing said.
-    async fn settle(&self, dir: u64, e: &Entry, key: &str) -> FsResult<Resolved> {
+    async fn settle(&self, dir: u64, e: &Entry, key: &str) -> FsResult<(Resolved, Instant)> {
+        let asked = Instant::now();
         match self.entry_attr(dir, e, key).await {
             Err(err) if is_not_found(&err) => {
                 let a = match (&e.info, e.kind) {
@@ -943,36 +940,41 @@ impl Fs {
                         ..Attr::implied_dir()
                     },
                 };
-                Ok((a, None))
+                Ok(((a, None), asked))
             }
             r => r,
         }
     }
 
-    async fn entry_attr(&self, dir: u64, e: &Entry, key: &str) -> FsResult<(Attr, Option<String>)> {
+    /// An entry's attributes (the node's while fresh, else one HEAD) and when they were
+    /// known: the node's fetch time, or the time the request was sent (so that a cached
+    /// answer never counts as newer than it is).
+    async fn entry_attr(&self, dir: u64, e: &Entry, key: &str) -> FsResult<(Resolved, Instant)> {
+        let asked = Instant::now();
         {
             let st = lock(&self.state);
             if let Some(&ino) = st.names.get(&(dir, e.name.clone())) {
                 let n = &st.nodes[&ino];
                 if n.writers > 0 || self.fresh(n.fetched) {
-                    return Ok((n.attr, n.etag.clone()));
+                    return Ok(((n.attr, n.etag.clone()), n.fetched.unwrap_or(asked)));
                 }
             }
         }
-        match e.kind {
+        let r = match e.kind {
             Kind::Dir => match self
                 .t("HeadObject", self.store.head(&format!("{key}/"), None))
                 .await
             {
-                Ok(info) => Ok((Attr::from_object(&info, true), info.etag)),
-                Err(err) if is_not_found(&err) => Ok((Attr::implied_dir(), None)),
-                Err(err) => Err(err),
+                Ok(info) => (Attr::from_object(&info, true), info.etag),
+                Err(err) if is_not_found(&err) => (Attr::implied_dir(), None),
+                Err(err) => return Err(err),
             },
             Kind::File | Kind::Symlink => {
                 let info = self.t("HeadObject", self.store.head(key, None)).await?;
-                Ok((Attr::from_object(&info, false), info.etag))
+                (Attr::from_object(&info, false), info.etag)
             }
-        }
+        };
+        Ok((r, asked))
     }
 
     /// Closes a directory handle.
@@ -1334,7 +1336,9 @@ impl Fs {
                 let mut h = h.lock().await;
                 if let Handle::Write(s) = &mut *h {
                     if s.early.as_ref().is_some_and(|e| size < e.started * e.part) {
+                        // The whole file goes up at close.
                         self.abandon(s);
+                        s.may_stream = false;
                     }
                     self.resize_staging(s, size)?;
                     s.contiguous = s.contiguous.min(size);
@@ -1372,24 +1376,34 @@ impl Fs {
         } else {
             path
         };
-        let mut meta = match self.t("HeadObject", self.store.head(&key, None)).await {
-            Ok(info) => info.metadata,
-            Err(e) if is_not_found(&e) && cur.kind == Kind::Dir => infra_store::Metadata::new(),
+        let (mut meta, exists) = match self.t("HeadObject", self.store.head(&key, None)).await {
+            Ok(info) => (info.metadata, true),
+            // An implied directory gets its `dir/` object.
+            Err(e) if is_not_found(&e) && cur.kind == Kind::Dir => {
+                (infra_store::Metadata::new(), false)
+            }
             Err(e) => return Err(e),
         };
         meta.extend(self.metadata(&new));
-        if cur.kind == Kind::Dir && self.store.head(&key, None).await.is_err() {
+        let put = if exists {
+            self.t("CopyObject", self.store.copy(&key, &key, Some(&meta)))
+                .await?
+        } else {
             self.t(
                 "PutObject",
                 self.store.put(&key, Body::Bytes(Bytes::new()), &meta),
             )
-            .await?;
-        } else {
-            self.t("CopyObject", self.store.copy(&key, &key, Some(&meta)))
-                .await?;
-        }
+            .await?
+        };
+        // Again, with the time: attributes fetched meanwhile (before the copy) are older.
+        // The copy may have a new ETag (a multipart object's becomes a plain one): readers
+        // opened from now on expect it.
         if let Some(n) = lock(&self.state).nodes.get_mut(&ino) {
+            n.attr = new;
             n.fetched = Some(Instant::now());
+            if cur.kind != Kind::Dir {
+                n.etag = put.etag;
+            }
         }
         Ok(new)
     }
@@ -1473,6 +1487,7 @@ impl Fs {
             may_stream: false,
             contiguous: 0,
             early: None,
+            meta_stale: false,
         })
     }
 
@@ -1573,7 +1588,50 @@ impl Fs {
         let info = self.listed(&key, attr.size, etag);
         self.dir_set(parent, &name, Some((Kind::File, Some(info))));
         s.dirty = false;
+        s.meta_stale = stale;
         Ok(())
+    }
+
+    /// Tries again to store the node's metadata on an object whose data is stored (after
+    /// `finish_early` could not). Never fails the caller: the data is safe; a failure is
+    /// logged and tried again at the next `close`/`fsync` or the last release.
+    async fn store_meta(&self, s: &mut Staging) {
+        let (key, attr) = {
+            let st = lock(&self.state);
+            match st.nodes.get(&s.ino) {
+                Some(n) if !n.unlinked => (st.path(s.ino), n.attr),
+                Some(_) | None => {
+                    s.meta_stale = false;
+                    return;
+                }
+            }
+        };
+        let Some(key) = key else {
+            s.meta_stale = false;
+            return;
+        };
+        if attr.size > MAX_COPY {
+            s.meta_stale = false;
+            return;
+        }
+        let meta = self.metadata(&attr);
+        match self
+            .t("CopyObject", self.store.copy(&key, &key, Some(&meta)))
+            .await
+        {
+            Ok(put) => {
+                s.meta_stale = false;
+                if let Some(n) = lock(&self.state).nodes.get_mut(&s.ino) {
+                    n.etag = put.etag;
+                    n.fetched = Some(Instant::now());
+                }
+            }
+            Err(err) => tracing::warn!(
+                %key,
+                "storing the mode, owner and times of a stored file failed again ({err}); \
+                 chmod or touch the file to retry"
+            ),
+        }
     }
 
     async fn multipart(
@@ -1768,8 +1826,10 @@ impl Fs {
     }
 
     /// Drops the early upload of `s`, if any: its running parts stop and, once they have,
-    /// the upload is aborted in the background (the object keeps its previous content; a
-    /// part still arriving after the abort would otherwise stay stored, unlisted).
+    /// the upload is aborted in the background (the object keeps its previous content).
+    /// Waiting for them first narrows, but cannot close, the window in which a server that
+    /// already received a part's body stores it after the abort; a bucket lifecycle rule
+    /// for incomplete uploads removes such leftovers.
     fn abandon(&self, s: &mut Staging) {
         let Some(e) = s.early.take() else { return };
         for h in &e.running {
@@ -2203,6 +2263,10 @@ impl Fs {
                 s.failed = r.is_err();
                 r
             }
+            Handle::Write(s) if s.meta_stale => {
+                self.store_meta(s).await;
+                Ok(())
+            }
             Handle::Write(_) | Handle::Read(_) => Ok(()),
         }
     }
@@ -2223,6 +2287,9 @@ impl Fs {
                 } else {
                     Ok(())
                 };
+                if r.is_ok() && !s.dirty && s.meta_stale {
+                    self.store_meta(s).await;
+                }
                 self.abandon(s);
                 self.uncharge(s);
                 let mut st = lock(&self.state);

@@ -444,9 +444,13 @@ impl Filesystem for FuseFs {
                 i += 1;
             }
         }
+        let first = i;
         loop {
             let batch = match self.run(self.fs.readdirplus(fh.0, i - 2)) {
                 Ok(b) => b,
+                // Entries already added were counted (`remember`): hand them over, the
+                // next call reports the error.
+                Err(_) if i > first => return reply.ok(),
                 Err(e) => return reply.error(e),
             };
             if batch.is_empty() {

@@ -290,11 +290,18 @@ async fn background_work_fails_cleanly() {
         .unwrap();
     f.sync_all()
         .expect("fsync failed although the data was stored");
-    faults.fail_copies.store(false, SeqCst);
-    drop(f);
     assert!(
         object(&inner, "copyfail").await == data,
         "copyfail stored wrong"
+    );
+    // The metadata is stored at the next close, once the server takes copies again.
+    faults.fail_copies.store(false, SeqCst);
+    drop(f);
+    let info = inner.head("copyfail", None).await.unwrap();
+    assert_eq!(
+        info.metadata["mode"],
+        (0o100600).to_string(),
+        "the mode was not stored after the failed copy"
     );
 
     // A create that cannot stage (the cache directory is not a directory) leaves no name.
@@ -304,7 +311,9 @@ async fn background_work_fails_cleanly() {
     let cache = m.cache.path().to_path_buf();
     fs::remove_dir_all(&cache).unwrap();
     fs::write(&cache, b"not a directory").unwrap();
-    fs::File::create(m.p("e/two")).expect_err("created without a staging file");
+    let e = fs::File::create(m.p("e/two")).expect_err("created without a staging file");
+    // Not EEXIST or ENOTDIR: they would be about the program's file, not our cache.
+    assert_eq!(errno(&e), nix::libc::EIO, "{e}");
     let names: Vec<_> = fs::read_dir(m.p("e"))
         .unwrap()
         .map(|e| e.unwrap().file_name())

@@ -436,5 +436,34 @@ async fn own_changes_keep_the_listing_current() {
     std::thread::sleep(Duration::from_millis(1200));
     assert!(names(&m).contains(&"outside".to_string()));
     assert_eq!(fs::read(m.p("d/outside")).unwrap(), b"o");
+
+    // Attributes changed behind its back show once they expire, however often the directory
+    // is listed meanwhile (`ls -l` every 300 ms with ttl=1: a cached answer must not count as
+    // a fresh one).
+    let ls_l = |m: &TestMount| -> u64 {
+        let mut size = 0;
+        for e in fs::read_dir(m.p("d")).unwrap() {
+            let e = e.unwrap();
+            let md = fs::symlink_metadata(e.path()).unwrap();
+            if e.file_name() == "outside" {
+                size = md.len();
+            }
+        }
+        size
+    };
+    assert_eq!(ls_l(&m), 1);
+    s.put(
+        "d/outside",
+        Body::Bytes(Bytes::from_static(b"12345")),
+        &Metadata::new(),
+    )
+    .await
+    .unwrap();
+    let mut last = 0;
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(300));
+        last = ls_l(&m);
+    }
+    assert_eq!(last, 5, "a size changed 3 s ago still shows the old one");
     m.stop();
 }
