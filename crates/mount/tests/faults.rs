@@ -13,6 +13,7 @@ use infra_store::{Body, Metadata};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_killed_during_read_and_write() {
+    let _serial = SERIAL.lock().await;
     let (mut g, s) = garage("faults").await;
     let old = pattern(3 << 20, 3);
     s.put(
@@ -98,6 +99,7 @@ async fn server_killed_during_read_and_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmount_with_open_files_and_full_cache() {
+    let _serial = SERIAL.lock().await;
     let (_g, s) = garage("unmount").await;
     let mut m = TestMount::start(s.clone(), "cache_size=1M");
 
@@ -132,6 +134,7 @@ async fn unmount_with_open_files_and_full_cache() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untrusted_keys_are_hidden_never_resolved_outside() {
+    let _serial = SERIAL.lock().await;
     let (_g, s) = garage("hostile").await;
     let ok = Body::Bytes(Bytes::from_static(b"fine"));
     s.put("dir/fine.txt", ok.clone(), &Metadata::new())
@@ -192,6 +195,7 @@ async fn untrusted_keys_are_hidden_never_resolved_outside() {
 /// leaves no name behind, bytes are sent once, and stored data is reported stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_work_fails_cleanly() {
+    let _serial = SERIAL.lock().await;
     use infra_store::testing::{Faults, FaultyStore};
     use infra_store::ObjectStore;
     use std::os::unix::fs::PermissionsExt;

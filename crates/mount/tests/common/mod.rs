@@ -110,6 +110,12 @@ impl Drop for TestMount {
     }
 }
 
+/// Taken by tests whose assertions depend on when uploads happen. Starting a server forks
+/// this process, and at exec the child closes the descriptors it inherited (close-on-exec):
+/// each such close sends the kernel's FLUSH for files another test has open for writing,
+/// which uploads them as any close does (docs/mount-semantics.md, "Writing").
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A Garage with one bucket and a store on it.
 pub async fn garage(bucket: &str) -> (Garage, Arc<dyn ObjectStore>) {
     let g = Garage::start().await;
