@@ -1126,9 +1126,9 @@ impl Fs {
                     .map(|n| (*ino, n.writers > 0, n.attr.kind))
             })
         };
-        let kind = match local {
-            Some((_, true, kind)) => kind,
-            _ => self.resolve(&path).await?.0.kind,
+        let (kind, held) = match local {
+            Some((ino, true, kind)) => (kind, self.hold_writers(&[ino]).await),
+            _ => (self.resolve(&path).await?.0.kind, Vec::new()),
         };
         if kind == Kind::Dir {
             return Err(FsError::IsDir);
@@ -1140,6 +1140,7 @@ impl Fs {
         }
         self.detach(parent, name);
         self.dir_set(parent, name, None);
+        drop(held);
         Ok(())
     }
 
@@ -1213,13 +1214,23 @@ impl Fs {
         if to.starts_with(&format!("{from}/")) {
             return Err(FsError::Invalid);
         }
-        // Data written through open handles goes first, so the copy has it.
-        let src_ino = lock(&self.state)
-            .names
-            .get(&(parent, name.to_string()))
-            .copied();
-        if let Some(ino) = src_ino {
-            self.flush_ino(ino).await?;
+        // Data written through open handles goes first, so the copy has it; those handles
+        // and the target's stay locked until the names are switched.
+        let (src_ino, dst_ino) = {
+            let st = lock(&self.state);
+            (
+                st.names.get(&(parent, name.to_string())).copied(),
+                st.names.get(&(newparent, newname.to_string())).copied(),
+            )
+        };
+        let inos: Vec<u64> = src_ino.into_iter().chain(dst_ino).collect();
+        let mut held = self.hold_writers(&inos).await;
+        for g in held.iter_mut() {
+            if let Handle::Write(s) = &mut **g {
+                if Some(s.ino) == src_ino && s.dirty {
+                    self.upload(s).await?;
+                }
+            }
         }
         let (src, _) = self.resolve(&from).await?;
         let dst = match self.resolve(&to).await {
@@ -1295,6 +1306,7 @@ impl Fs {
             st.dirs.remove(&parent);
             st.dirs.remove(&newparent);
         }
+        drop(held);
         Ok(())
     }
 
@@ -1453,19 +1465,22 @@ impl Fs {
         }
     }
 
-    /// Uploads what open handles of `ino` wrote (before a rename copies it).
-    async fn flush_ino(&self, ino: u64) -> FsResult<()> {
-        if !self.has_writers(ino) {
-            return Ok(());
+    /// Locks the write handles of `inos`, in handle order (so two callers never deadlock):
+    /// while the guards live, no `close` or `fsync` can store these files, so an upload
+    /// cannot land under a name that an unlink or rename is removing (it would bring the
+    /// name back). A close waiting meanwhile then sees the new state.
+    async fn hold_writers(&self, inos: &[u64]) -> Vec<tokio::sync::OwnedMutexGuard<Handle>> {
+        let mut hs: Vec<(u64, SharedHandle)> = lock(&self.handles)
+            .iter()
+            .filter(|(_, (i, _))| i.is_some_and(|i| inos.contains(&i)))
+            .map(|(fh, (_, h))| (*fh, h.clone()))
+            .collect();
+        hs.sort_by_key(|(fh, _)| *fh);
+        let mut guards = Vec::with_capacity(hs.len());
+        for (_, h) in hs {
+            guards.push(h.lock_owned().await);
         }
-        for h in self.writers_of(ino) {
-            if let Handle::Write(s) = &mut *h.lock().await {
-                if s.ino == ino && s.dirty {
-                    self.upload(s).await?;
-                }
-            }
-        }
-        Ok(())
+        guards
     }
 
     fn new_staging(&self, ino: u64) -> FsResult<Staging> {
