@@ -1446,17 +1446,19 @@ impl Fs {
             .map(|(_, h)| h.clone())
     }
 
-    /// The write handles of `ino`.
-    fn writers_of(&self, ino: u64) -> Vec<SharedHandle> {
-        lock(&self.handles)
-            .values()
-            .filter(|(i, _)| *i == Some(ino))
-            .map(|(_, h)| h.clone())
-            .collect()
+    /// The write handles of `inos`, in handle order.
+    fn writers_of(&self, inos: &[u64]) -> Vec<SharedHandle> {
+        let mut hs: Vec<(u64, SharedHandle)> = lock(&self.handles)
+            .iter()
+            .filter(|(_, (i, _))| i.is_some_and(|i| inos.contains(&i)))
+            .map(|(fh, (_, h))| (*fh, h.clone()))
+            .collect();
+        hs.sort_by_key(|(fh, _)| *fh);
+        hs.into_iter().map(|(_, h)| h).collect()
     }
 
     async fn mark_dirty(&self, ino: u64) {
-        for h in self.writers_of(ino) {
+        for h in self.writers_of(&[ino]) {
             if let Handle::Write(s) = &mut *h.lock().await {
                 if s.ino == ino {
                     s.dirty = true;
@@ -1470,14 +1472,8 @@ impl Fs {
     /// cannot land under a name that an unlink or rename is removing (it would bring the
     /// name back). A close waiting meanwhile then sees the new state.
     async fn hold_writers(&self, inos: &[u64]) -> Vec<tokio::sync::OwnedMutexGuard<Handle>> {
-        let mut hs: Vec<(u64, SharedHandle)> = lock(&self.handles)
-            .iter()
-            .filter(|(_, (i, _))| i.is_some_and(|i| inos.contains(&i)))
-            .map(|(fh, (_, h))| (*fh, h.clone()))
-            .collect();
-        hs.sort_by_key(|(fh, _)| *fh);
-        let mut guards = Vec::with_capacity(hs.len());
-        for (_, h) in hs {
+        let mut guards = Vec::new();
+        for h in self.writers_of(inos) {
             guards.push(h.lock_owned().await);
         }
         guards
@@ -1592,24 +1588,33 @@ impl Fs {
         } else {
             self.multipart(&key, &path, s.size, &meta).await?
         };
-        let (parent, name) = {
+        {
             let mut st = lock(&self.state);
             let n = st.nodes.get_mut(&s.ino).ok_or(FsError::BadHandle)?;
             n.attr = attr;
-            n.etag = etag.clone();
+            n.etag = etag;
             n.fetched = (!stale).then(Instant::now);
-            (n.parent, n.name.clone())
+        }
+        s.dirty = false;
+        s.meta_stale = stale;
+        if stale {
+            self.store_meta(s).await;
+        }
+        let (parent, name, etag) = {
+            let st = lock(&self.state);
+            let n = st.nodes.get(&s.ino).ok_or(FsError::BadHandle)?;
+            (n.parent, n.name.clone(), n.etag.clone())
         };
         let info = self.listed(&key, attr.size, etag);
         self.dir_set(parent, &name, Some((Kind::File, Some(info))));
-        s.dirty = false;
-        s.meta_stale = stale;
         Ok(())
     }
 
-    /// Tries again to store the node's metadata on an object whose data is stored (after
-    /// `finish_early` could not). Never fails the caller: the data is safe; a failure is
-    /// logged and tried again at the next `close`/`fsync` or the last release.
+    /// Stores the node's metadata on its object, whose data is stored with older metadata
+    /// (see `finish_early`): a copy onto itself, server-side. Never fails the caller, since
+    /// the data is safe: a failure is logged and tried again at the next `close`/`fsync` and
+    /// the last release. Over CopyObject's limit it cannot be done: the times stay those of
+    /// the upload's start.
     async fn store_meta(&self, s: &mut Staging) {
         let (key, attr) = {
             let st = lock(&self.state);
@@ -1643,8 +1648,9 @@ impl Fs {
             }
             Err(err) => tracing::warn!(
                 %key,
-                "storing the mode, owner and times of a stored file failed again ({err}); \
-                 chmod or touch the file to retry"
+                "the data is stored, but its mode, owner and times are those of when the \
+                 upload began: replacing them failed ({err}); tried again at the next close, \
+                 or chmod or touch the file"
             ),
         }
     }
@@ -1883,11 +1889,9 @@ impl Fs {
 
     /// Completes the early upload with the rest of the file. `Ok(None)` when it cannot be
     /// used (the file was renamed, truncated below it, or a part failed): then it is
-    /// aborted and the caller uploads the whole file. The stored metadata is `meta`: when it
-    /// differs from what the upload began with (the mtime of the last write, a chmod), the
-    /// object is copied onto itself with it, server-side. Returns the ETag and whether the
-    /// stored metadata is `meta`: when that copy fails the data is stored all the same (so
-    /// the writer is not told otherwise), with the metadata of the upload's start.
+    /// aborted and the caller uploads the whole file. Returns the ETag and whether the stored
+    /// metadata is `meta`: it differs when something changed since the upload began (the
+    /// mtime of the last write, a chmod), and then [`Fs::store_meta`] replaces it.
     async fn finish_early(
         &self,
         mut e: Early,
@@ -1938,26 +1942,7 @@ impl Fs {
                 std::mem::take(&mut e.done),
             )
             .await?;
-        if same {
-            return Ok(Some((etag, true)));
-        }
-        if s.size > MAX_COPY {
-            return Ok(Some((etag, false)));
-        }
-        match self
-            .t("CopyObject", self.store.copy(key, key, Some(meta)))
-            .await
-        {
-            Ok(put) => Ok(Some((put.etag, true))),
-            Err(err) => {
-                tracing::warn!(
-                    %key,
-                    "the data is stored, but its mode, owner and times are those of when the \
-                     upload began: replacing them failed ({err}); chmod or touch the file to retry"
-                );
-                Ok(Some((etag, false)))
-            }
-        }
+        Ok(Some((etag, same)))
     }
 
     fn add_handle(&self, h: Handle) -> u64 {
